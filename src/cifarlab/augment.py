@@ -1,0 +1,36 @@
+"""Albumentations pipelines built from the `augment` params.
+
+They work on uint8 HWC images. Normalisation is not here: it is the model's first layer
+(`cifarlab.data.Normalize`), so train and test can never be normalised differently. Cutout fills
+with the dataset mean colour, which is zero after normalisation.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import albumentations as A
+import cv2
+
+from cifarlab.data import CIFAR_MEAN
+from cifarlab.params import AugmentParams
+
+MEAN_UINT8 = tuple(round(m * 255) for m in CIFAR_MEAN)
+IMAGE_SIZE = 32
+
+
+def build_train_transform(params: AugmentParams, seed: Optional[int] = None) -> A.Compose:
+    """pad -> random 32x32 crop -> horizontal flip -> cutout, each skipped when its knob is 0."""
+    steps: list[A.BasicTransform] = []
+    if params.pad > 0:
+        border = cv2.BORDER_REFLECT_101 if params.pad_mode == "reflect" else cv2.BORDER_CONSTANT
+        size = IMAGE_SIZE + 2 * params.pad
+        steps += [A.PadIfNeeded(size, size, border_mode=border, fill=MEAN_UINT8),
+                  A.RandomCrop(IMAGE_SIZE, IMAGE_SIZE)]
+    if params.hflip > 0:
+        steps.append(A.HorizontalFlip(p=params.hflip))
+    if params.cutout_size > 0 and params.cutout_p > 0:
+        side = (params.cutout_size, params.cutout_size)
+        steps.append(A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=side, hole_width_range=side,
+                                     fill=MEAN_UINT8, p=params.cutout_p))
+    return A.Compose(steps, seed=seed)

@@ -1,0 +1,38 @@
+"""Self-describing checkpoints: weights plus architecture, epoch and the resolved params."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cifarlab.atomic import atomic_path
+from cifarlab.engine import Classifier
+from cifarlab.errors import CifarlabError
+
+
+def save_checkpoint(path: str | Path, model: Classifier, **info: Any) -> None:
+    state = {"arch": model.arch, "state_dict": model.state_dict(), **info}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[Classifier, dict]:
+    """Rebuild the model a checkpoint describes; a missing, truncated or mismatched file is a CifarlabError."""
+    path = Path(path)
+    if not path.exists():
+        raise CifarlabError(f"checkpoint {path} does not exist; run `dvc repro train`")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+        arch, weights = state["arch"], state["state_dict"]
+    except Exception as err:  # torch raises many types for a damaged file
+        raise CifarlabError(f"checkpoint {path} is unreadable (truncated or not a checkpoint): "
+                            f"{str(err).splitlines()[0][:200]}") from None
+    model = Classifier(arch, dropout=state.get("dropout", 0.0), num_classes=state.get("num_classes", 10))
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        raise CifarlabError(f"checkpoint {path} does not fit architecture `{arch}`: "
+                            f"{str(err).splitlines()[0][:200]}") from None
+    return model, state

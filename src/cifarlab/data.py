@@ -1,0 +1,260 @@
+"""CIFAR-10 on disk and in memory: download, the offline synthetic set, datasets and loaders.
+
+The dataset lives under `data/` as two uncompressed .npz files of uint8 arrays (images
+[N, 32, 32, 3] HWC, labels [N]) plus `meta.json` (source, class names, sizes). The normalisation
+constants are defined here once; `Normalize` applies them inside the model, so every consumer
+(training, evaluation, LR finder, Grad-CAM) feeds raw uint8 images and cannot normalise twice or
+with different numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import tarfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from cifarlab.atomic import atomic_dir
+from cifarlab.errors import CifarlabError
+
+# Per-channel statistics of the CIFAR-10 training split (pixel values scaled to [0, 1]).
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
+                   "dog", "frog", "horse", "ship", "truck")
+CIFAR10_TRAIN_SIZE = 50_000
+CIFAR10_TEST_SIZE = 10_000
+NUM_CLASSES = 10
+
+DOWNLOAD_TIMEOUT_S = 60
+
+
+class DataError(CifarlabError):
+    """The dataset cannot be fetched, verified or read."""
+
+
+@dataclass(frozen=True)
+class Split:
+    images: np.ndarray   # uint8 [N, 32, 32, 3]
+    labels: np.ndarray   # int64 [N]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    train: Split
+    test: Split
+    classes: tuple[str, ...]
+    source: str
+
+
+# --- download -----------------------------------------------------------------------------------
+
+def fetch(url: str, dest: Path, expected_md5: str) -> None:
+    """Stream `url` to `dest`, verifying its md5; any failure is a DataError naming the cause."""
+    digest = hashlib.md5()
+    try:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(dest, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc="download", leave=False) as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", None) or err
+        raise DataError(
+            f"cannot download {url}: {reason}; set data.url (and data.md5) to a reachable mirror, "
+            f"or use data.source: synthetic to work offline") from None
+    actual = digest.hexdigest()
+    if actual != expected_md5:
+        raise DataError(
+            f"md5 of {url} is {actual} but data.md5 is {expected_md5}: the download is corrupted or "
+            f"truncated, or data.md5 does not belong to this file")
+
+
+def _unpickle(tar: tarfile.TarFile, member: str) -> dict:
+    try:
+        handle = tar.extractfile(member)
+    except KeyError:
+        raise DataError(f"the CIFAR-10 tarball has no {member}") from None
+    return pickle.load(handle, encoding="bytes")
+
+
+def _read_batches(tar: tarfile.TarFile, names: list[str]) -> Split:
+    images, labels = [], []
+    for name in names:
+        batch = _unpickle(tar, f"cifar-10-batches-py/{name}")
+        images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
+    return Split(np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels))
+
+
+def read_cifar10_tarball(path: Path) -> Dataset:
+    """Convert the official python-version tarball into uint8 arrays, checking the split sizes."""
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            train = _read_batches(tar, [f"data_batch_{i}" for i in range(1, 6)])
+            test = _read_batches(tar, ["test_batch"])
+            meta = _unpickle(tar, "cifar-10-batches-py/batches.meta")
+    except (tarfile.TarError, EOFError, OSError, pickle.UnpicklingError) as err:
+        raise DataError(f"{path} is not a readable CIFAR-10 python tarball: {err}") from None
+    classes = tuple(name.decode() for name in meta[b"label_names"])
+    if (len(train), len(test)) != (CIFAR10_TRAIN_SIZE, CIFAR10_TEST_SIZE):
+        raise DataError(f"CIFAR-10 tarball has {len(train)} train / {len(test)} test images, "
+                        f"expected {CIFAR10_TRAIN_SIZE} / {CIFAR10_TEST_SIZE}")
+    return Dataset(train, test, classes, "cifar10")
+
+
+# --- synthetic ----------------------------------------------------------------------------------
+
+def make_synthetic(train_size: int, test_size: int, seed: int) -> Dataset:
+    """A deterministic, learnable, CIFAR-shaped 10-class set that needs no network.
+
+    Each class has a mean colour and a smooth spatial pattern (a random 4x4 grid of colours,
+    upsampled); an image is its class prototype with random contrast, a random shift and pixel
+    noise. Augmentation (crop, flip, cutout) keeps the class recognisable, so a small net learns
+    it well above chance in a few hundred steps, yet it is not trivially separable per pixel.
+    """
+    rng = np.random.default_rng(seed)
+    colours = rng.uniform(0.2, 0.8, size=(NUM_CLASSES, 1, 1, 3))
+    grids = rng.uniform(-0.25, 0.25, size=(NUM_CLASSES, 4, 4, 3))
+    patterns = grids.repeat(8, axis=1).repeat(8, axis=2)                 # [10, 32, 32, 3]
+    prototypes = np.clip(colours + patterns, 0.0, 1.0)
+
+    def split(size: int) -> Split:
+        labels = np.arange(size) % NUM_CLASSES
+        rng.shuffle(labels)
+        contrast = rng.uniform(0.6, 1.2, size=(size, 1, 1, 1))
+        shifts = rng.integers(-3, 4, size=(size, 2))
+        images = np.empty((size, 32, 32, 3), dtype=np.float64)
+        for i, (label, (dy, dx)) in enumerate(zip(labels, shifts)):
+            images[i] = np.roll(prototypes[label], (dy, dx), axis=(0, 1))
+        images = 0.5 + contrast * (images - 0.5) + rng.normal(0.0, 0.12, size=images.shape)
+        return Split(np.clip(images * 255.0, 0, 255).round().astype(np.uint8), labels.astype(np.int64))
+
+    train, test = split(train_size), split(test_size)
+    return Dataset(train, test, tuple(f"synthetic-{i}" for i in range(NUM_CLASSES)), "synthetic")
+
+
+# --- on disk ------------------------------------------------------------------------------------
+
+def save_dataset(dataset: Dataset, data_dir: str | Path, extra_meta: Optional[dict] = None) -> None:
+    """Write `data_dir` as a whole, atomically: train.npz, test.npz, meta.json."""
+    with atomic_dir(data_dir) as tmp:
+        for name, split in (("train", dataset.train), ("test", dataset.test)):
+            np.savez(tmp / f"{name}.npz", images=split.images, labels=split.labels)
+        meta = {"source": dataset.source, "classes": list(dataset.classes),
+                "train_size": len(dataset.train), "test_size": len(dataset.test), **(extra_meta or {})}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def load_dataset(data_dir: str | Path = "data") -> Dataset:
+    data_dir = Path(data_dir)
+    try:
+        meta = json.loads((data_dir / "meta.json").read_text())
+        splits = {}
+        for name in ("train", "test"):
+            with np.load(data_dir / f"{name}.npz") as arrays:
+                splits[name] = Split(arrays["images"], arrays["labels"].astype(np.int64))
+    except (OSError, ValueError, KeyError) as err:
+        raise DataError(f"cannot read the dataset in {data_dir}/ ({err}); run `dvc repro download`") from None
+    dataset = Dataset(splits["train"], splits["test"], tuple(meta["classes"]), meta["source"])
+    expected_test = CIFAR10_TEST_SIZE if dataset.source == "cifar10" else meta["test_size"]
+    if len(dataset.test) != expected_test:
+        raise DataError(f"{data_dir}/test.npz holds {len(dataset.test)} images, expected {expected_test} "
+                        f"for source {dataset.source}")
+    return dataset
+
+
+# --- in memory ----------------------------------------------------------------------------------
+
+class Normalize(nn.Module):
+    """uint8-range images [N, 3, H, W] -> float, standardised with the CIFAR-10 statistics."""
+
+    def __init__(self, mean=CIFAR_MEAN, std=CIFAR_STD):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255.0, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() - self.mean) / self.std
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """A split as (uint8 CHW tensor, label) pairs, with an optional per-image albumentations transform.
+
+    The transform's random state is reseeded per (epoch, worker) by `seed_transform`, so an epoch's
+    augmentations depend only on the seed, the epoch and the worker count.
+    """
+
+    def __init__(self, split: Split, transform: Optional[Callable] = None):
+        self.split = split
+        self.transform = transform
+        self.seed = 0
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int):
+        image = self.split.images[index]
+        if self.transform is not None:
+            image = self.transform(image=image)["image"]
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), int(self.split.labels[index])
+
+    def seed_transform(self, worker_id: int) -> None:
+        if self.transform is not None and hasattr(self.transform, "set_random_seed"):
+            self.transform.set_random_seed(self.seed * 1_000_003 + self.epoch * 1_009 + worker_id)
+
+
+def _seed_worker(worker_id: int) -> None:
+    torch.utils.data.get_worker_info().dataset.seed_transform(worker_id)
+
+
+class EpochLoader:
+    """A shuffling training loader whose order and augmentations are a function of (seed, epoch)."""
+
+    def __init__(self, dataset: ImageDataset, batch_size: int, seed: int, num_workers: int, pin_memory: bool):
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.seed = seed
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        dataset.seed = seed
+
+    def __len__(self) -> int:
+        return -(-len(self.dataset) // self.batch_size)
+
+    def epoch(self, epoch: int) -> torch.utils.data.DataLoader:
+        """The DataLoader for `epoch`: iterate it once for that epoch's batches."""
+        self.dataset.epoch = epoch
+        if self.num_workers == 0:
+            self.dataset.seed_transform(0)
+        generator = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+        return torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.batch_size, shuffle=True, generator=generator,
+            num_workers=self.num_workers, worker_init_fn=_seed_worker if self.num_workers else None,
+            pin_memory=self.pin_memory, drop_last=False,
+            prefetch_factor=4 if self.num_workers else None)
+
+
+def iterate_batches(split: Split, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The split in order, unaugmented, as (uint8 [B, 3, 32, 32], int64 [B]) batches."""
+    images = torch.from_numpy(split.images).permute(0, 3, 1, 2)   # a view: NCHW over HWC memory
+    labels = torch.from_numpy(split.labels)
+    for start in range(0, len(split), batch_size):
+        yield images[start:start + batch_size], labels[start:start + batch_size]

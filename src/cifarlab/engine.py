@@ -1,0 +1,197 @@
+"""Device and precision selection, one training epoch, and the one `evaluate` used everywhere."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from cifarlab.data import EpochLoader, ImageDataset, Normalize, Split
+from cifarlab.errors import CifarlabError
+from cifarlab.models import create_model, model_spec
+from cifarlab.params import ModelParams, RuntimeParams
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    precision: str               # fp32 | bf16 | fp16: the autocast dtype of forward passes
+    channels_last: bool
+    num_workers: int
+
+    @property
+    def autocast_dtype(self) -> Optional[torch.dtype]:
+        return _DTYPES[self.precision]
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def needs_grad_scaler(self) -> bool:
+        return self.device.type == "cuda" and self.precision == "fp16"
+
+    def describe(self) -> dict:
+        return {"device": str(self.device), "precision": self.precision,
+                "channels_last": self.channels_last, "num_workers": self.num_workers,
+                "threads": torch.get_num_threads()}
+
+
+def cpu_supports_bf16() -> bool:
+    """True where oneDNN has native bf16 kernels (AVX-512 BF16 / AMX); elsewhere bf16 is slower."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def select_runtime(params: RuntimeParams) -> Runtime:
+    if params.device == "cuda" and not torch.cuda.is_available():
+        raise CifarlabError("runtime.device is cuda but no CUDA device is available; use auto or cpu")
+    device = torch.device("cuda" if params.device == "cuda" or
+                          (params.device == "auto" and torch.cuda.is_available()) else "cpu")
+    precision = params.precision
+    if precision == "auto":
+        if device.type == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "bf16" if cpu_supports_bf16() else "fp32"
+    if device.type == "cpu" and precision == "fp16":
+        raise CifarlabError("runtime.precision fp16 needs a CUDA device; use auto, bf16 or fp32 on CPU")
+    channels_last = precision != "fp32" if params.channels_last == "auto" else params.channels_last
+    if params.num_workers == "auto":
+        # On CPU the workers would compete with the training threads for the same cores; the
+        # per-image augmentation costs a few percent of a step, so it runs inline. On CUDA the
+        # CPU is otherwise idle, so it prepares batches in parallel.
+        num_workers = 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
+    else:
+        num_workers = params.num_workers
+    return Runtime(device, precision, channels_last, num_workers)
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+class Classifier(nn.Module):
+    """A registered network behind the shared input normalisation: takes uint8-range images."""
+
+    def __init__(self, name: str, dropout: float = 0.0, num_classes: int = 10):
+        super().__init__()
+        self.arch = name
+        self.normalize = Normalize()
+        self.net = create_model(name, num_classes=num_classes, dropout=dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.normalize(x))
+
+    def cam_layer(self) -> nn.Module:
+        return self.net.get_submodule(model_spec(self.arch).cam_layer)
+
+
+def prepare_model(model: nn.Module, runtime: Runtime) -> nn.Module:
+    model = model.to(runtime.device)
+    if runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def build_model(params: ModelParams, runtime: Runtime, num_classes: int) -> Classifier:
+    """A fresh model from params, on the runtime's device and memory format."""
+    return prepare_model(Classifier(params.name, params.dropout, num_classes), runtime)
+
+
+def train_loader(split: Split, transform, batch_size: int, seed: int, runtime: Runtime) -> EpochLoader:
+    """The augmented, shuffled training loader with worker and pinning settings for the device."""
+    if batch_size > len(split):
+        raise CifarlabError(f"train.batch_size is {batch_size}; allowed: at most the training split size "
+                            f"({len(split)})")
+    return EpochLoader(ImageDataset(split, transform), batch_size, seed, runtime.num_workers,
+                       pin_memory=runtime.device.type == "cuda")
+
+
+def to_device(images: torch.Tensor, labels: torch.Tensor, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    non_blocking = runtime.device.type == "cuda"
+    images = images.to(runtime.device, non_blocking=non_blocking)
+    if runtime.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, labels.to(runtime.device, non_blocking=non_blocking)
+
+
+def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer, scheduler,
+                    runtime: Runtime, label_smoothing: float = 0.0, scaler=None,
+                    progress: Optional[tqdm] = None) -> dict:
+    """One pass over `batches`, stepping the scheduler after every batch.
+
+    Loss and correct counts accumulate on the device: there is no host sync per batch except for
+    the progress bar, which reads the running loss every few batches.
+    """
+    model.train()
+    loss_sum = torch.zeros((), device=runtime.device)
+    correct = torch.zeros((), device=runtime.device, dtype=torch.long)
+    seen = 0
+    lrs: list[float] = []
+    for batch_index, (images, labels) in enumerate(batches):
+        images, labels = to_device(images, labels, runtime)
+        lrs.append(optimizer.param_groups[0]["lr"])
+        with runtime.autocast():
+            logits = model(images)
+            loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        loss_sum += loss.detach() * len(labels)
+        correct += (logits.argmax(1) == labels).sum()
+        seen += len(labels)
+        if progress is not None:
+            progress.update(1)
+            if batch_index % 10 == 0:
+                progress.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", lr=f"{lrs[-1]:.2e}")
+    return {"loss": loss_sum.item() / seen, "accuracy": correct.item() / seen, "images": seen, "lrs": lrs}
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, batches: Iterable, runtime: Runtime) -> dict:
+    """Mean cross-entropy, accuracy, and per-image predictions of `model` over `batches`."""
+    model.eval()
+    loss_sum = torch.zeros((), device=runtime.device, dtype=torch.float64)
+    predictions, confidences, targets = [], [], []
+    for images, labels in batches:
+        images, labels = to_device(images, labels, runtime)
+        with runtime.autocast():
+            logits = model(images)
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
+        probabilities = logits.softmax(1)
+        confidence, predicted = probabilities.max(1)
+        predictions.append(predicted)
+        confidences.append(confidence)
+        targets.append(labels)
+    predicted = torch.cat(predictions).cpu()
+    target = torch.cat(targets).cpu()
+    count = len(target)
+    if count == 0:
+        raise CifarlabError("evaluate got no images")
+    return {"loss": loss_sum.item() / count, "accuracy": (predicted == target).double().mean().item(),
+            "count": count, "predicted": predicted, "target": target,
+            "confidence": torch.cat(confidences).cpu()}

@@ -1,0 +1,302 @@
+"""params.yaml, loaded once into frozen typed sections.
+
+Every key is declared here with its type and allowed values. Loading rejects unknown keys (with a
+did-you-mean suggestion), wrong types and out-of-range values with one line that names the key,
+so a typo such as `train.max_lrr` stops a stage instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Union
+
+import yaml
+
+from cifarlab.errors import CifarlabError
+
+
+class ParamsError(CifarlabError):
+    """params.yaml is unreadable or a key is unknown, mistyped or out of range."""
+
+
+# --- checks: each returns the normalised value or raises ValueError("what is allowed") ---------
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("a number")
+    if not math.isfinite(value):
+        raise ValueError("a finite number")
+    return float(value)
+
+
+def positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError("a whole number >= 1")
+    return value
+
+
+def non_negative_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError("a whole number >= 0")
+    return value
+
+
+def any_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError("a whole number")
+    return value
+
+
+def positive_float(value: Any) -> float:
+    if _number(value) <= 0:
+        raise ValueError("a number > 0")
+    return float(value)
+
+
+def float_at_least(low: float) -> Callable[[Any], float]:
+    def check(value: Any) -> float:
+        if _number(value) < low:
+            raise ValueError(f"a number >= {low:g}")
+        return float(value)
+    return check
+
+
+def probability(value: Any) -> float:
+    if not 0.0 <= _number(value) <= 1.0:
+        raise ValueError("a number from 0 to 1")
+    return float(value)
+
+
+def fraction_below_one(value: Any) -> float:
+    if not 0.0 <= _number(value) < 1.0:
+        raise ValueError("a number >= 0 and < 1")
+    return float(value)
+
+
+def boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("true or false")
+    return value
+
+
+def text(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("a non-empty string")
+    return value
+
+
+def one_of(*choices: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if value not in choices:
+            raise ValueError("one of " + ", ".join(choices))
+        return value
+    return check
+
+
+def auto_or(inner: Callable[[Any], Any], inner_name: str) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if value == "auto":
+            return value
+        try:
+            return inner(value)
+        except ValueError:
+            raise ValueError(f"auto or {inner_name}") from None
+    return check
+
+
+def lr_or_find(value: Any) -> Union[float, str]:
+    if value == "find":
+        return value
+    try:
+        return positive_float(value)
+    except ValueError:
+        raise ValueError("a number > 0 or `find` (take lr_find's suggestion)") from None
+
+
+def md5_hex(value: Any) -> str:
+    if not isinstance(value, str) or len(value) != 32 or any(c not in "0123456789abcdef" for c in value.lower()):
+        raise ValueError("32 hexadecimal digits")
+    return value.lower()
+
+
+def model_name(value: Any) -> str:
+    from cifarlab.models import model_names  # imported here: the registry pulls in torch
+
+    names = model_names()
+    if value not in names:
+        raise ValueError("one of " + ", ".join(names))
+    return value
+
+
+def key(check: Callable[[Any], Any]) -> Any:
+    """Declare a params key whose value must pass `check`."""
+    return field(metadata={"check": check})
+
+
+# --- sections -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DataParams:
+    source: str = key(one_of("cifar10", "synthetic"))
+    url: str = key(text)
+    md5: str = key(md5_hex)
+    synthetic_train_size: int = key(positive_int)
+    synthetic_test_size: int = key(positive_int)
+    synthetic_seed: int = key(any_int)
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    name: str = key(model_name)
+    dropout: float = key(fraction_below_one)
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    pad: int = key(non_negative_int)
+    pad_mode: str = key(one_of("reflect", "constant"))
+    hflip: float = key(probability)
+    cutout_size: int = key(non_negative_int)
+    cutout_p: float = key(probability)
+
+
+@dataclass(frozen=True)
+class OptimParams:
+    name: str = key(one_of("adam", "adamw", "sgd"))
+    weight_decay: float = key(float_at_least(0.0))
+    momentum: float = key(fraction_below_one)
+    nesterov: bool = key(boolean)
+    label_smoothing: float = key(fraction_below_one)
+
+
+@dataclass(frozen=True)
+class LrFindParams:
+    start_lr: float = key(positive_float)
+    end_lr: float = key(positive_float)
+    num_iter: int = key(positive_int)
+    step_mode: str = key(one_of("exp", "linear"))
+    smooth_f: float = key(fraction_below_one)
+    diverge_th: float = key(float_at_least(1.0))
+    rule: str = key(one_of("steepest", "valley", "min_div_10"))
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    epochs: int = key(positive_int)
+    batch_size: int = key(positive_int)
+    max_lr: Union[float, str] = key(lr_or_find)
+    max_at_epoch: int = key(positive_int)
+    div_factor: float = key(float_at_least(1.0))
+    final_div_factor: float = key(float_at_least(1.0))
+    three_phase: bool = key(boolean)
+    anneal_strategy: str = key(one_of("linear", "cos"))
+    cycle_momentum: bool = key(boolean)
+    seed: int = key(any_int)
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    batch_size: int = key(positive_int)
+    gallery_size: int = key(non_negative_int)
+
+
+@dataclass(frozen=True)
+class ReportParams:
+    target_accuracy: float = key(probability)
+    title: str = key(text)
+
+
+@dataclass(frozen=True)
+class RuntimeParams:
+    device: str = key(one_of("auto", "cpu", "cuda"))
+    precision: str = key(one_of("auto", "fp32", "bf16", "fp16"))
+    channels_last: Union[bool, str] = key(auto_or(boolean, "true or false"))
+    num_workers: Union[int, str] = key(auto_or(non_negative_int, "a whole number >= 0"))
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataParams
+    model: ModelParams
+    augment: AugmentParams
+    optim: OptimParams
+    lr_find: LrFindParams
+    train: TrainParams
+    evaluate: EvaluateParams
+    report: ReportParams
+    runtime: RuntimeParams
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+def _unknown_key(name: str, allowed: list[str]) -> ParamsError:
+    close = difflib.get_close_matches(name.rsplit(".", 1)[-1], allowed, n=1)
+    hint = f" (did you mean `{name.rsplit('.', 1)[0] + '.' if '.' in name else ''}{close[0]}`?)" if close else ""
+    return ParamsError(f"unknown params key `{name}`{hint}; allowed: {', '.join(allowed)}")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"params `{prefix}` must be a mapping of keys {', '.join(fields)}")
+    for name in raw:
+        if name not in fields:
+            raise _unknown_key(f"{prefix}.{name}" if prefix else str(name), list(fields))
+    values = {}
+    for name, f in fields.items():
+        dotted = f"{prefix}.{name}" if prefix else name
+        if name not in raw:
+            raise ParamsError(f"params key `{dotted}` is missing")
+        if "check" in f.metadata:
+            try:
+                values[name] = f.metadata["check"](raw[name])
+            except ValueError as err:
+                raise ParamsError(f"params key `{dotted}` is {raw[name]!r}; allowed: {err}") from None
+        else:  # a nested section
+            values[name] = _build(f.type if isinstance(f.type, type) else globals()[f.type], raw[name], dotted)
+    return cls(**values)
+
+
+def _check_across_sections(params: Params) -> None:
+    train = params.train
+    if not 1 <= train.max_at_epoch <= train.epochs:
+        raise ParamsError(
+            f"params key `train.max_at_epoch` is {train.max_at_epoch}; allowed: 1..train.epochs ({train.epochs})")
+    if params.lr_find.end_lr <= params.lr_find.start_lr:
+        raise ParamsError(
+            f"params key `lr_find.end_lr` is {params.lr_find.end_lr:g}; allowed: a number > lr_find.start_lr "
+            f"({params.lr_find.start_lr:g})")
+    if params.data.source == "synthetic" and train.batch_size > params.data.synthetic_train_size:
+        raise ParamsError(
+            f"params key `train.batch_size` is {train.batch_size}; allowed: at most the training split size "
+            f"(data.synthetic_train_size = {params.data.synthetic_train_size})")
+
+
+def parse_params(raw: Any) -> Params:
+    """Validate an already-parsed params mapping."""
+    params = _build(Params, raw, "")
+    _check_across_sections(params)
+    return params
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; any problem is a ParamsError naming the key."""
+    path = Path(path)
+    try:
+        text_ = path.read_text()
+    except OSError as err:
+        raise ParamsError(f"cannot read {path}: {err.strerror}") from None
+    try:
+        raw = yaml.safe_load(text_)
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise ParamsError(f"{path} is not valid YAML{line}: {getattr(err, 'problem', err)}") from None
+    return parse_params(raw)

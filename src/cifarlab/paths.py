@@ -1,0 +1,21 @@
+"""Where each stage writes. dvc.yaml declares the same paths as outs, metrics and plots."""
+
+from pathlib import Path
+
+DATA_DIR = Path("data")
+
+LR_FIND_METRICS = Path("metrics/lr_find.json")      # suggested max LR, per-rule values
+LR_FIND_CURVE = Path("plots/lr_find.csv")           # lr, loss
+LR_FIND_FIGURE = Path("plots/lr_find.png")
+
+TRAIN_LIVE_DIR = Path("metrics/train")              # dvclive: metrics.json + per-epoch plots
+TRAIN_SPEED = Path("metrics/train_speed.json")      # images/s and epoch seconds, apart from learning metrics
+LR_SCHEDULE = Path("plots/lr_schedule.csv")         # step, lr actually used for every batch
+CHECKPOINT = Path("models/model.pt")
+
+EVAL_METRICS = Path("metrics/evaluate.json")
+CONFUSION = Path("plots/confusion.csv")             # actual, predicted per test image
+CONFUSION_FIGURE = Path("plots/confusion.png")
+MISCLASSIFIED_FIGURE = Path("plots/misclassified.png")
+
+REPORT_DIR = Path("reports")

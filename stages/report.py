@@ -1,0 +1,14 @@
+"""report stage: reports/report.md from the other stages' outputs only."""
+
+from cifarlab.errors import run_stage
+from cifarlab.params import load_params
+from cifarlab.report import build_report
+
+
+def main() -> None:
+    path = build_report(load_params().report)
+    print(f"report: {path}")
+
+
+if __name__ == "__main__":
+    run_stage(main)
