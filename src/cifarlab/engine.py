@@ -159,7 +159,10 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
         else:
             loss.backward()
             optimizer.step()
-        scheduler.step()
+        if scheduler.last_epoch < scheduler.total_steps - 1:
+            # Stepping past the last batch would ask OneCycleLR for an LR beyond its cycle
+            # (a division by zero when the peak is at the very end).
+            scheduler.step()
         loss_sum += loss.detach() * len(labels)
         correct += (logits.argmax(1) == labels).sum()
         seen += len(labels)

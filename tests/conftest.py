@@ -1,0 +1,60 @@
+"""Shared fixtures: the repo's params with tiny synthetic settings, and a runner for stage scripts."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small enough for a 2-core CPU, big enough that the custom ResNet learns the synthetic set.
+TINY = {
+    "data": {"source": "synthetic", "synthetic_train_size": 512, "synthetic_test_size": 200},
+    "lr_find": {"num_iter": 20, "end_lr": 1.0},
+    "train": {"epochs": 3, "batch_size": 128, "max_at_epoch": 1, "max_lr": 0.003},
+    "evaluate": {"batch_size": 200, "gallery_size": 10},
+}
+
+
+def merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+@pytest.fixture
+def default_params() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+@pytest.fixture
+def tiny_params(default_params) -> dict:
+    return merge(default_params, TINY)
+
+
+def tool_env() -> dict:
+    """Environment in which `python` and `dvc` are this interpreter's, with no network use by DVC."""
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env["DVC_NO_ANALYTICS"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, env=tool_env(), capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
+                             f"{result.stderr[-4000:]}")
+    return result
+
+
+def write_params(directory: Path, params: dict) -> None:
+    (directory / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

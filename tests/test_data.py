@@ -1,0 +1,166 @@
+import hashlib
+import http.server
+import io
+import pickle
+import tarfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cifarlab.data import (CIFAR10_CLASSES, DataError, fetch, load_dataset, make_synthetic,
+                           read_cifar10_tarball, save_dataset)
+from conftest import REPO, merge, run, write_params
+
+
+def test_synthetic_is_deterministic_and_cifar_shaped():
+    a, b = make_synthetic(300, 100, seed=3), make_synthetic(300, 100, seed=3)
+    assert a.train.images.shape == (300, 32, 32, 3) and a.train.images.dtype == np.uint8
+    assert a.test.images.shape == (100, 32, 32, 3)
+    assert np.array_equal(a.train.images, b.train.images) and np.array_equal(a.test.labels, b.test.labels)
+    assert np.bincount(a.train.labels, minlength=10).tolist() == [30] * 10
+    assert not np.array_equal(a.train.images, make_synthetic(300, 100, seed=4).train.images)
+
+
+def test_synthetic_classes_differ_but_not_per_pixel_trivially():
+    data = make_synthetic(1000, 10, seed=0)
+    means = np.stack([data.train.images[data.train.labels == c].mean(axis=(0, 1, 2)) for c in range(10)])
+    assert np.ptp(means, axis=0).max() > 30          # classes are distinguishable ...
+    assert data.train.images.std() > 20              # ... and images are noisy, not flat prototypes
+
+
+def test_save_and_load_round_trip(tmp_path):
+    data = make_synthetic(50, 20, seed=1)
+    save_dataset(data, tmp_path / "data")
+    loaded = load_dataset(tmp_path / "data")
+    assert loaded.source == "synthetic" and loaded.classes == data.classes
+    assert np.array_equal(loaded.train.images, data.train.images)
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["meta.json", "test.npz", "train.npz"]
+
+
+def test_load_rejects_a_cifar10_test_split_of_the_wrong_size(tmp_path):
+    data = make_synthetic(50, 20, seed=1)
+    save_dataset(data, tmp_path / "data")
+    meta = tmp_path / "data" / "meta.json"
+    meta.write_text(meta.read_text().replace('"synthetic"', '"cifar10"'))
+    with pytest.raises(DataError, match="holds 20 images, expected 10000"):
+        load_dataset(tmp_path / "data")
+
+
+# --- the real download code, against a tarball served on 127.0.0.1 -------------------------------
+
+def _batch(count: int, start: int) -> bytes:
+    planes = np.empty((count, 3, 1024), dtype=np.uint8)
+    planes[:, 0], planes[:, 1], planes[:, 2] = 10, 20, 30            # R, G, B planes as CIFAR stores them
+    planes[:, 0, 0] = (np.arange(count) + start) % 256                # first red pixel identifies the image
+    return pickle.dumps({b"data": planes.reshape(count, 3072), b"labels": [(start + i) % 10 for i in range(count)]})
+
+
+@pytest.fixture(scope="module")
+def cifar_tarball(tmp_path_factory) -> tuple[Path, str]:
+    """A tarball laid out like the official python version, with full split sizes."""
+    path = tmp_path_factory.mktemp("mirror") / "cifar-10-python.tar.gz"
+    members = {f"cifar-10-batches-py/data_batch_{i}": _batch(10_000, (i - 1) * 10_000) for i in range(1, 6)}
+    members["cifar-10-batches-py/test_batch"] = _batch(10_000, 0)
+    members["cifar-10-batches-py/batches.meta"] = pickle.dumps({b"label_names": [c.encode() for c in CIFAR10_CLASSES]})
+    with tarfile.open(path, "w:gz", compresslevel=1) as tar:
+        for name, payload in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return path, hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def server(cifar_tarball):
+    """An HTTP server on 127.0.0.1 serving the tarball's directory; yields its base URL."""
+    directory = cifar_tarball[0].parent
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(directory), **kwargs)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def test_fetch_and_convert(server, cifar_tarball, tmp_path):
+    dest = tmp_path / "c.tar.gz"
+    fetch(f"{server}/cifar-10-python.tar.gz", dest, cifar_tarball[1])
+    data = read_cifar10_tarball(dest)
+    assert (len(data.train), len(data.test)) == (50_000, 10_000)
+    assert data.classes == CIFAR10_CLASSES
+    assert data.train.images.shape == (50_000, 32, 32, 3)
+    assert data.train.images[0, 0, 1].tolist() == [10, 20, 30]          # CHW planes became HWC
+    assert data.train.images[12_345, 0, 0, 0] == 12_345 % 256
+    assert data.train.labels[12_345] == 12_345 % 10
+
+
+def test_fetch_wrong_md5(server, tmp_path):
+    with pytest.raises(DataError, match="md5 of .* is [0-9a-f]{32} but data.md5 is 0{32}"):
+        fetch(f"{server}/cifar-10-python.tar.gz", tmp_path / "c.tar.gz", "0" * 32)
+
+
+def test_fetch_missing_file_suggests_mirror_or_synthetic(server, tmp_path):
+    with pytest.raises(DataError, match="mirror.*synthetic"):
+        fetch(f"{server}/nothing-here.tar.gz", tmp_path / "c.tar.gz", "0" * 32)
+
+
+def test_truncated_tarball_is_a_clear_error(cifar_tarball, tmp_path):
+    truncated = tmp_path / "t.tar.gz"
+    truncated.write_bytes(cifar_tarball[0].read_bytes()[:100_000])
+    with pytest.raises(DataError, match="not a readable CIFAR-10 python tarball"):
+        read_cifar10_tarball(truncated)
+
+
+def _stage_dir(tmp_path: Path, params: dict) -> Path:
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "stages").mkdir()
+    (work / "stages" / "download.py").write_text((REPO / "stages" / "download.py").read_text())
+    write_params(work, params)
+    return work
+
+
+def test_download_stage_with_right_md5(server, cifar_tarball, tmp_path, default_params):
+    params = merge(default_params, {"data": {"url": f"{server}/cifar-10-python.tar.gz", "md5": cifar_tarball[1]}})
+    work = _stage_dir(tmp_path, params)
+    run(["python", "stages/download.py"], work)
+    data = load_dataset(work / "data")
+    assert (data.source, len(data.train), len(data.test)) == ("cifar10", 50_000, 10_000)
+    assert [p.name for p in work.iterdir() if p.name.startswith(".")] == []     # no temporaries left
+
+
+def test_download_stage_with_wrong_md5_leaves_nothing(server, tmp_path, default_params):
+    params = merge(default_params, {"data": {"url": f"{server}/cifar-10-python.tar.gz", "md5": "f" * 32}})
+    work = _stage_dir(tmp_path, params)
+    result = run(["python", "stages/download.py"], work, check=False)
+    assert result.returncode == 1
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "data.md5" in error_lines[0]
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in work.iterdir()) == ["params.yaml", "stages"]
+
+
+def test_download_stage_unreachable_url(tmp_path, default_params):
+    params = merge(default_params, {"data": {"url": "http://127.0.0.1:9/cifar.tar.gz"}})
+    work = _stage_dir(tmp_path, params)
+    result = run(["python", "stages/download.py"], work, check=False)
+    assert result.returncode == 1
+    assert "cannot download http://127.0.0.1:9/cifar.tar.gz" in result.stderr and "synthetic" in result.stderr
+    assert not (work / "data").exists()
+
+
+def test_download_stage_failure_keeps_previous_data(server, tmp_path, default_params):
+    params = merge(default_params, {"data": {"url": f"{server}/cifar-10-python.tar.gz", "md5": "f" * 32}})
+    work = _stage_dir(tmp_path, params)
+    save_dataset(make_synthetic(20, 10, 0), work / "data")
+    assert run(["python", "stages/download.py"], work, check=False).returncode == 1
+    assert load_dataset(work / "data").source == "synthetic"

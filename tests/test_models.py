@@ -1,0 +1,400 @@
+"""Every registered model against its seed write-up: parameter count, output, Grad-CAM layer,
+dropout switch, and the printed model summary, layer for layer.
+
+The seed tables at the bottom are the write-ups' printed summaries, copied verbatim (rows only)
+from /work/shared/seeds, so they can be diffed against the originals. Two formats occur:
+
+* torchsummary (seeds 000-003): one row per module that ran, in the order each *finished* its
+  forward; custom container modules (e.g. assignment 8's `ResBlock`) get a row after their
+  children. Rows are numbered, which lets the parser prove no row went missing.
+* torchinfo (seed 004, printed with depth 3): a tree in pre-order; a module at depth 3 with
+  children (resnet18's conv shortcut) is one collapsed row holding its children's parameters,
+  and container rows above that (`Sequential: 1-3`, `BasicBlock: 2-1`) are headers.
+
+The model side is recorded with forward hooks on the leaf modules (with a depth limit: on the
+modules at that depth, in place of their descendants), plus modules of any class a torchsummary
+table prints as a container row. Rows compare on (type, output shape without the batch
+dimension, parameter count).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn as nn
+
+from cifarlab.models import cam_layer, create_model, model_names, model_spec
+
+# Total parameters each seed prints ("Total params"). A registered model missing here fails.
+EXPECTED_PARAMS = {
+    "custom_resnet": 6_573_130,      # seeds 002 and 003
+    "a7_net": 467_098,               # seed 001
+    "custom_resnet_a8": 6_575_370,   # seed 000
+    "resnet18": 11_173_962,          # seed 004
+}
+
+Row = tuple[str, tuple[int, ...], int]   # (module type, output shape without batch, params)
+
+
+@dataclass(frozen=True)
+class SeedTable:
+    seed: str
+    text: str                        # the printed rows, verbatim
+    dropout: float = 0.0             # build the model with this (> 0 when the table has Dropout)
+    depth: int | None = None         # torchinfo's depth limit, None for torchsummary
+    containers: tuple[str, ...] = () # classes torchsummary printed as container rows
+
+    def rows(self) -> list[Row]:
+        return parse_torchinfo(self.text) if self.depth else parse_torchsummary(self.text)
+
+
+_SHAPE = r"\[([\d, -]+)\]"
+_TORCHSUMMARY_ROW = re.compile(rf"^\s*(\w+)-(\d+)\s+{_SHAPE}\s+([\d,]+)$")
+_TORCHINFO_ROW = re.compile(
+    rf"(\w+): (\d+)-\d+\s+{_SHAPE}\s+(?:{_SHAPE}|--)\s+{_SHAPE}\s+([\d,]+|--)\s+(?:True|False|--)$")
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    return tuple(int(d) for d in text.split(","))[1:]   # drop the batch dimension (-1 or 1)
+
+
+def _count(text: str) -> int:
+    return 0 if text == "--" else int(text.replace(",", ""))
+
+
+def parse_torchsummary(text: str) -> list[Row]:
+    lines = text.strip("\n").splitlines()
+    matches = [_TORCHSUMMARY_ROW.match(line) for line in lines]
+    assert all(matches), [line for line, m in zip(lines, matches) if not m]
+    assert [int(m[2]) for m in matches] == list(range(1, len(lines) + 1)), "rows are not 1..n"
+    return [(m[1], _shape(m[3]), _count(m[4])) for m in matches]
+
+
+def parse_torchinfo(text: str) -> list[Row]:
+    model_row, *lines = text.strip("\n").splitlines()   # the first row is the model itself
+    assert not _TORCHINFO_ROW.search(model_row)
+    matches = [_TORCHINFO_ROW.search(line) for line in lines]
+    assert all(matches), [line for line, m in zip(lines, matches) if not m]
+    depths = [int(m[2]) for m in matches] + [0]
+    # A row followed by a deeper one is a header for its children: no row of its own to match.
+    return [(m[1], _shape(m[5]), _count(m[6]))
+            for i, m in enumerate(matches) if depths[i + 1] <= depths[i]]
+
+
+def recorded_rows(model: nn.Module, x: torch.Tensor, depth: int | None = None,
+                  containers: tuple[str, ...] = ()) -> list[Row]:
+    """(type, output shape, params) of the summarised modules, in the order their forward ends."""
+    rows: list[Row] = []
+
+    def recorder(own_only: bool):
+        def record(module: nn.Module, _inputs, output) -> None:
+            params = sum(p.numel() for p in module.parameters(recurse=not own_only))
+            rows.append((type(module).__name__, tuple(output.shape[1:]), params))
+        return record
+
+    handles = []
+    for name, module in model.named_modules():
+        if not name:
+            continue                                   # the model itself has no row
+        level = name.count(".") + 1
+        is_leaf = next(module.children(), None) is None
+        if depth is not None and level > depth:
+            continue                                   # summarised by its depth-`depth` ancestor
+        if is_leaf or level == depth:                  # a collapsed row holds all its parameters
+            handles.append(module.register_forward_hook(recorder(own_only=False)))
+        elif type(module).__name__ in containers:      # torchsummary: the container's own only
+            handles.append(module.register_forward_hook(recorder(own_only=True)))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return rows
+
+
+def _input(batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def test_expected_params_table_matches_registry():
+    assert set(EXPECTED_PARAMS) == set(model_names())
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_model_matches_seed_and_runs(name: str):
+    assert name in EXPECTED_PARAMS, f"`{name}` has no seed parameter count in EXPECTED_PARAMS"
+    torch.manual_seed(0)
+    model = create_model(name)
+    assert sum(p.numel() for p in model.parameters()) == EXPECTED_PARAMS[name]
+
+    cam = cam_layer(model, name)                      # resolves, and sees a 4-D activation
+    seen: list[torch.Size] = []
+    handle = cam.register_forward_hook(lambda _m, _i, out: seen.append(out.shape))
+    try:
+        for train in (True, False):                   # BN with batch statistics, then running
+            model.train(train)
+            with torch.no_grad():
+                out = model(_input())
+            assert out.shape == (2, 10)
+            assert torch.isfinite(out).all(), f"non-finite output (train={train})"
+    finally:
+        handle.remove()
+    assert len(seen) == 2 and all(len(s) == 4 and s[0] == 2 for s in seen), \
+        f"cam_layer `{model_spec(name).cam_layer}` saw {seen}"
+
+    with torch.no_grad():
+        assert create_model(name, num_classes=7).eval()(_input()).shape == (2, 7)
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_dropout_argument_adds_dropout(name: str):
+    def dropouts(m: nn.Module) -> list[nn.Dropout]:
+        return [d for d in m.modules() if isinstance(d, nn.Dropout)]
+
+    assert dropouts(create_model(name, dropout=0.0)) == []
+    with_dropout = dropouts(create_model(name, dropout=0.2))
+    assert with_dropout and all(d.p == 0.2 for d in with_dropout)
+
+
+# --------------------------------------------------------------------------------------------
+# Seed tables: the printed rows, verbatim. The header, totals and size lines are left out.
+
+# 001_dea78ac8cdc61ff3.txt, assignment 7 (torchsummary). Dropout's p is not printed; any p > 0
+# puts the Dropout rows in.
+A7_001 = """
+            Conv2d-1           [-1, 16, 32, 32]             432
+              ReLU-2           [-1, 16, 32, 32]               0
+       BatchNorm2d-3           [-1, 16, 32, 32]              32
+           Dropout-4           [-1, 16, 32, 32]               0
+            Conv2d-5           [-1, 32, 32, 32]           4,608
+              ReLU-6           [-1, 32, 32, 32]               0
+       BatchNorm2d-7           [-1, 32, 32, 32]              64
+           Dropout-8           [-1, 32, 32, 32]               0
+         MaxPool2d-9           [-1, 32, 16, 16]               0
+           Conv2d-10           [-1, 64, 16, 16]          18,432
+             ReLU-11           [-1, 64, 16, 16]               0
+      BatchNorm2d-12           [-1, 64, 16, 16]             128
+          Dropout-13           [-1, 64, 16, 16]               0
+           Conv2d-14           [-1, 64, 16, 16]          36,864
+             ReLU-15           [-1, 64, 16, 16]               0
+      BatchNorm2d-16           [-1, 64, 16, 16]             128
+          Dropout-17           [-1, 64, 16, 16]               0
+        MaxPool2d-18             [-1, 64, 8, 8]               0
+           Conv2d-19            [-1, 128, 8, 8]          73,728
+             ReLU-20            [-1, 128, 8, 8]               0
+      BatchNorm2d-21            [-1, 128, 8, 8]             256
+          Dropout-22            [-1, 128, 8, 8]               0
+           Conv2d-23            [-1, 128, 8, 8]         147,456
+             ReLU-24            [-1, 128, 8, 8]               0
+      BatchNorm2d-25            [-1, 128, 8, 8]             256
+          Dropout-26            [-1, 128, 8, 8]               0
+        MaxPool2d-27            [-1, 128, 4, 4]               0
+           Conv2d-28            [-1, 128, 4, 4]         147,456
+             ReLU-29            [-1, 128, 4, 4]               0
+      BatchNorm2d-30            [-1, 128, 4, 4]             256
+          Dropout-31            [-1, 128, 4, 4]               0
+           Conv2d-32            [-1, 128, 4, 4]           1,152
+           Conv2d-33            [-1, 256, 4, 4]          32,768
+             ReLU-34            [-1, 256, 4, 4]               0
+      BatchNorm2d-35            [-1, 256, 4, 4]             512
+          Dropout-36            [-1, 256, 4, 4]               0
+AdaptiveAvgPool2d-37            [-1, 256, 1, 1]               0
+           Linear-38                   [-1, 10]           2,570
+"""
+
+# 000_7d5530676d166a7a.txt, assignment 8 (torchsummary). ResBlock-14 and -29 are container rows.
+A8_000 = """
+           Conv2d-1           [-1, 64, 32, 32]           1,792
+       BatchNorm2d-2           [-1, 64, 32, 32]             128
+              ReLU-3           [-1, 64, 32, 32]               0
+            Conv2d-4          [-1, 128, 32, 32]          73,856
+         MaxPool2d-5          [-1, 128, 16, 16]               0
+       BatchNorm2d-6          [-1, 128, 16, 16]             256
+              ReLU-7          [-1, 128, 16, 16]               0
+            Conv2d-8          [-1, 128, 16, 16]         147,584
+       BatchNorm2d-9          [-1, 128, 16, 16]             256
+             ReLU-10          [-1, 128, 16, 16]               0
+           Conv2d-11          [-1, 128, 16, 16]         147,584
+      BatchNorm2d-12          [-1, 128, 16, 16]             256
+             ReLU-13          [-1, 128, 16, 16]               0
+         ResBlock-14          [-1, 128, 16, 16]               0
+           Conv2d-15          [-1, 256, 14, 14]         295,168
+        MaxPool2d-16            [-1, 256, 7, 7]               0
+      BatchNorm2d-17            [-1, 256, 7, 7]             512
+             ReLU-18            [-1, 256, 7, 7]               0
+           Conv2d-19            [-1, 512, 7, 7]       1,180,160
+        MaxPool2d-20            [-1, 512, 4, 4]               0
+      BatchNorm2d-21            [-1, 512, 4, 4]           1,024
+             ReLU-22            [-1, 512, 4, 4]               0
+           Conv2d-23            [-1, 512, 4, 4]       2,359,808
+      BatchNorm2d-24            [-1, 512, 4, 4]           1,024
+             ReLU-25            [-1, 512, 4, 4]               0
+           Conv2d-26            [-1, 512, 4, 4]       2,359,808
+      BatchNorm2d-27            [-1, 512, 4, 4]           1,024
+             ReLU-28            [-1, 512, 4, 4]               0
+         ResBlock-29            [-1, 512, 4, 4]               0
+        MaxPool2d-30            [-1, 512, 1, 1]               0
+          Flatten-31                  [-1, 512]               0
+           Linear-32                   [-1, 10]           5,130
+"""
+
+# 002_83aa6d7748cf0418.txt, assignment 10, long write-up (torchsummary, no dropout).
+A10_002 = """
+            Conv2d-1           [-1, 64, 32, 32]           1,728
+       BatchNorm2d-2           [-1, 64, 32, 32]             128
+              ReLU-3           [-1, 64, 32, 32]               0
+            Conv2d-4          [-1, 128, 32, 32]          73,728
+         MaxPool2d-5          [-1, 128, 16, 16]               0
+       BatchNorm2d-6          [-1, 128, 16, 16]             256
+              ReLU-7          [-1, 128, 16, 16]               0
+            Conv2d-8          [-1, 128, 16, 16]         147,456
+       BatchNorm2d-9          [-1, 128, 16, 16]             256
+             ReLU-10          [-1, 128, 16, 16]               0
+           Conv2d-11          [-1, 128, 16, 16]         147,456
+      BatchNorm2d-12          [-1, 128, 16, 16]             256
+             ReLU-13          [-1, 128, 16, 16]               0
+           Conv2d-14          [-1, 256, 16, 16]         294,912
+        MaxPool2d-15            [-1, 256, 8, 8]               0
+      BatchNorm2d-16            [-1, 256, 8, 8]             512
+             ReLU-17            [-1, 256, 8, 8]               0
+           Conv2d-18            [-1, 512, 8, 8]       1,179,648
+        MaxPool2d-19            [-1, 512, 4, 4]               0
+      BatchNorm2d-20            [-1, 512, 4, 4]           1,024
+             ReLU-21            [-1, 512, 4, 4]               0
+           Conv2d-22            [-1, 512, 4, 4]       2,359,296
+      BatchNorm2d-23            [-1, 512, 4, 4]           1,024
+             ReLU-24            [-1, 512, 4, 4]               0
+           Conv2d-25            [-1, 512, 4, 4]       2,359,296
+      BatchNorm2d-26            [-1, 512, 4, 4]           1,024
+             ReLU-27            [-1, 512, 4, 4]               0
+        MaxPool2d-28            [-1, 512, 1, 1]               0
+           Linear-29                   [-1, 10]           5,130
+"""
+
+# 003_35b08997a8aa459e.txt, assignment 10, second write-up (torchsummary, dropout after blocks).
+A10_003 = """
+            Conv2d-1           [-1, 64, 32, 32]           1,728
+       BatchNorm2d-2           [-1, 64, 32, 32]             128
+              ReLU-3           [-1, 64, 32, 32]               0
+           Dropout-4           [-1, 64, 32, 32]               0
+            Conv2d-5          [-1, 128, 32, 32]          73,728
+         MaxPool2d-6          [-1, 128, 16, 16]               0
+       BatchNorm2d-7          [-1, 128, 16, 16]             256
+              ReLU-8          [-1, 128, 16, 16]               0
+           Dropout-9          [-1, 128, 16, 16]               0
+           Conv2d-10          [-1, 128, 16, 16]         147,456
+      BatchNorm2d-11          [-1, 128, 16, 16]             256
+             ReLU-12          [-1, 128, 16, 16]               0
+          Dropout-13          [-1, 128, 16, 16]               0
+           Conv2d-14          [-1, 128, 16, 16]         147,456
+      BatchNorm2d-15          [-1, 128, 16, 16]             256
+             ReLU-16          [-1, 128, 16, 16]               0
+          Dropout-17          [-1, 128, 16, 16]               0
+           Conv2d-18          [-1, 256, 16, 16]         294,912
+        MaxPool2d-19            [-1, 256, 8, 8]               0
+      BatchNorm2d-20            [-1, 256, 8, 8]             512
+             ReLU-21            [-1, 256, 8, 8]               0
+          Dropout-22            [-1, 256, 8, 8]               0
+           Conv2d-23            [-1, 512, 8, 8]       1,179,648
+        MaxPool2d-24            [-1, 512, 4, 4]               0
+      BatchNorm2d-25            [-1, 512, 4, 4]           1,024
+             ReLU-26            [-1, 512, 4, 4]               0
+          Dropout-27            [-1, 512, 4, 4]               0
+           Conv2d-28            [-1, 512, 4, 4]       2,359,296
+      BatchNorm2d-29            [-1, 512, 4, 4]           1,024
+             ReLU-30            [-1, 512, 4, 4]               0
+          Dropout-31            [-1, 512, 4, 4]               0
+           Conv2d-32            [-1, 512, 4, 4]       2,359,296
+      BatchNorm2d-33            [-1, 512, 4, 4]           1,024
+             ReLU-34            [-1, 512, 4, 4]               0
+          Dropout-35            [-1, 512, 4, 4]               0
+        MaxPool2d-36            [-1, 512, 1, 1]               0
+           Linear-37                   [-1, 10]           5,130
+"""
+
+# 004_ca5c2c8e2cd39bc0.txt, session 11 (torchinfo, depth 3, input [1, 3, 32, 32]).
+R18_004 = """
+ResNet                                   [1, 3, 32, 32]   --               [1, 10]          --               True
+├─Conv2d: 1-1                            [1, 3, 32, 32]   [3, 3]           [1, 64, 32, 32]  1,728            True
+├─BatchNorm2d: 1-2                       [1, 64, 32, 32]  --               [1, 64, 32, 32]  128              True
+├─Sequential: 1-3                        [1, 64, 32, 32]  --               [1, 64, 32, 32]  --               True
+│    └─BasicBlock: 2-1                   [1, 64, 32, 32]  --               [1, 64, 32, 32]  --               True
+│    │    └─Conv2d: 3-1                  [1, 64, 32, 32]  [3, 3]           [1, 64, 32, 32]  36,864           True
+│    │    └─BatchNorm2d: 3-2             [1, 64, 32, 32]  --               [1, 64, 32, 32]  128              True
+│    │    └─Conv2d: 3-3                  [1, 64, 32, 32]  [3, 3]           [1, 64, 32, 32]  36,864           True
+│    │    └─BatchNorm2d: 3-4             [1, 64, 32, 32]  --               [1, 64, 32, 32]  128              True
+│    │    └─Sequential: 3-5              [1, 64, 32, 32]  --               [1, 64, 32, 32]  --               --
+│    └─BasicBlock: 2-2                   [1, 64, 32, 32]  --               [1, 64, 32, 32]  --               True
+│    │    └─Conv2d: 3-6                  [1, 64, 32, 32]  [3, 3]           [1, 64, 32, 32]  36,864           True
+│    │    └─BatchNorm2d: 3-7             [1, 64, 32, 32]  --               [1, 64, 32, 32]  128              True
+│    │    └─Conv2d: 3-8                  [1, 64, 32, 32]  [3, 3]           [1, 64, 32, 32]  36,864           True
+│    │    └─BatchNorm2d: 3-9             [1, 64, 32, 32]  --               [1, 64, 32, 32]  128              True
+│    │    └─Sequential: 3-10             [1, 64, 32, 32]  --               [1, 64, 32, 32]  --               --
+├─Sequential: 1-4                        [1, 64, 32, 32]  --               [1, 128, 16, 16] --               True
+│    └─BasicBlock: 2-3                   [1, 64, 32, 32]  --               [1, 128, 16, 16] --               True
+│    │    └─Conv2d: 3-11                 [1, 64, 32, 32]  [3, 3]           [1, 128, 16, 16] 73,728           True
+│    │    └─BatchNorm2d: 3-12            [1, 128, 16, 16] --               [1, 128, 16, 16] 256              True
+│    │    └─Conv2d: 3-13                 [1, 128, 16, 16] [3, 3]           [1, 128, 16, 16] 147,456          True
+│    │    └─BatchNorm2d: 3-14            [1, 128, 16, 16] --               [1, 128, 16, 16] 256              True
+│    │    └─Sequential: 3-15             [1, 64, 32, 32]  --               [1, 128, 16, 16] 8,448            True
+│    └─BasicBlock: 2-4                   [1, 128, 16, 16] --               [1, 128, 16, 16] --               True
+│    │    └─Conv2d: 3-16                 [1, 128, 16, 16] [3, 3]           [1, 128, 16, 16] 147,456          True
+│    │    └─BatchNorm2d: 3-17            [1, 128, 16, 16] --               [1, 128, 16, 16] 256              True
+│    │    └─Conv2d: 3-18                 [1, 128, 16, 16] [3, 3]           [1, 128, 16, 16] 147,456          True
+│    │    └─BatchNorm2d: 3-19            [1, 128, 16, 16] --               [1, 128, 16, 16] 256              True
+│    │    └─Sequential: 3-20             [1, 128, 16, 16] --               [1, 128, 16, 16] --               --
+├─Sequential: 1-5                        [1, 128, 16, 16] --               [1, 256, 8, 8]   --               True
+│    └─BasicBlock: 2-5                   [1, 128, 16, 16] --               [1, 256, 8, 8]   --               True
+│    │    └─Conv2d: 3-21                 [1, 128, 16, 16] [3, 3]           [1, 256, 8, 8]   294,912          True
+│    │    └─BatchNorm2d: 3-22            [1, 256, 8, 8]   --               [1, 256, 8, 8]   512              True
+│    │    └─Conv2d: 3-23                 [1, 256, 8, 8]   [3, 3]           [1, 256, 8, 8]   589,824          True
+│    │    └─BatchNorm2d: 3-24            [1, 256, 8, 8]   --               [1, 256, 8, 8]   512              True
+│    │    └─Sequential: 3-25             [1, 128, 16, 16] --               [1, 256, 8, 8]   33,280           True
+│    └─BasicBlock: 2-6                   [1, 256, 8, 8]   --               [1, 256, 8, 8]   --               True
+│    │    └─Conv2d: 3-26                 [1, 256, 8, 8]   [3, 3]           [1, 256, 8, 8]   589,824          True
+│    │    └─BatchNorm2d: 3-27            [1, 256, 8, 8]   --               [1, 256, 8, 8]   512              True
+│    │    └─Conv2d: 3-28                 [1, 256, 8, 8]   [3, 3]           [1, 256, 8, 8]   589,824          True
+│    │    └─BatchNorm2d: 3-29            [1, 256, 8, 8]   --               [1, 256, 8, 8]   512              True
+│    │    └─Sequential: 3-30             [1, 256, 8, 8]   --               [1, 256, 8, 8]   --               --
+├─Sequential: 1-6                        [1, 256, 8, 8]   --               [1, 512, 4, 4]   --               True
+│    └─BasicBlock: 2-7                   [1, 256, 8, 8]   --               [1, 512, 4, 4]   --               True
+│    │    └─Conv2d: 3-31                 [1, 256, 8, 8]   [3, 3]           [1, 512, 4, 4]   1,179,648        True
+│    │    └─BatchNorm2d: 3-32            [1, 512, 4, 4]   --               [1, 512, 4, 4]   1,024            True
+│    │    └─Conv2d: 3-33                 [1, 512, 4, 4]   [3, 3]           [1, 512, 4, 4]   2,359,296        True
+│    │    └─BatchNorm2d: 3-34            [1, 512, 4, 4]   --               [1, 512, 4, 4]   1,024            True
+│    │    └─Sequential: 3-35             [1, 256, 8, 8]   --               [1, 512, 4, 4]   132,096          True
+│    └─BasicBlock: 2-8                   [1, 512, 4, 4]   --               [1, 512, 4, 4]   --               True
+│    │    └─Conv2d: 3-36                 [1, 512, 4, 4]   [3, 3]           [1, 512, 4, 4]   2,359,296        True
+│    │    └─BatchNorm2d: 3-37            [1, 512, 4, 4]   --               [1, 512, 4, 4]   1,024            True
+│    │    └─Conv2d: 3-38                 [1, 512, 4, 4]   [3, 3]           [1, 512, 4, 4]   2,359,296        True
+│    │    └─BatchNorm2d: 3-39            [1, 512, 4, 4]   --               [1, 512, 4, 4]   1,024            True
+│    │    └─Sequential: 3-40             [1, 512, 4, 4]   --               [1, 512, 4, 4]   --               --
+├─Linear: 1-7                            [1, 512]         --               [1, 10]          5,130            True
+"""
+
+SEED_TABLES: list[tuple[str, SeedTable]] = [
+    ("a7_net", SeedTable("001", A7_001, dropout=0.1)),
+    ("custom_resnet_a8", SeedTable("000", A8_000, containers=("ResBlock",))),
+    ("custom_resnet", SeedTable("002", A10_002)),
+    ("custom_resnet", SeedTable("003", A10_003, dropout=0.1)),
+    ("resnet18", SeedTable("004", R18_004, depth=3)),
+]
+
+
+def test_every_model_has_a_seed_table():
+    assert set(model_names()) <= {name for name, _ in SEED_TABLES}
+
+
+@pytest.mark.parametrize("name,table", SEED_TABLES, ids=[f"{n}-{t.seed}" for n, t in SEED_TABLES])
+def test_layers_match_seed_summary(name: str, table: SeedTable):
+    expected = table.rows()
+    assert sum(params for _, _, params in expected) == EXPECTED_PARAMS[name]   # table is whole
+    model = create_model(name, dropout=table.dropout).eval()
+    got = recorded_rows(model, _input(), table.depth, table.containers)
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert g == e, f"row {i + 1}: model {g} != seed {e}"
+    assert len(got) == len(expected)

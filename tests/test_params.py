@@ -1,0 +1,105 @@
+import dataclasses
+
+import pytest
+import yaml
+
+from cifarlab.params import ParamsError, load_params, parse_params
+from conftest import REPO, merge
+
+
+def test_committed_params_are_assignment_10():
+    params = load_params(REPO / "params.yaml")
+    assert params.model.name == "custom_resnet"
+    assert params.optim.name == "adam"
+    assert (params.train.batch_size, params.train.epochs, params.train.max_at_epoch) == (512, 24, 5)
+    assert params.train.final_div_factor == 1.0          # no annihilation
+    assert (params.augment.pad, params.augment.hflip, params.augment.cutout_size) == (4, 0.5, 8)
+    assert params.report.target_accuracy == 0.90
+    assert params.data.source == "cifar10"
+
+
+def test_params_are_frozen(default_params):
+    params = parse_params(default_params)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.train.epochs = 3
+
+
+def message(raw) -> str:
+    with pytest.raises(ParamsError) as err:
+        parse_params(raw)
+    text = str(err.value)
+    assert "\n" not in text
+    return text
+
+
+def test_unknown_key_names_it_and_suggests(default_params):
+    raw = merge(default_params, {"train": {"max_lrr": 0.1}})
+    text = message(raw)
+    assert "`train.max_lrr`" in text and "did you mean `train.max_lr`" in text
+
+
+def test_unknown_section(default_params):
+    assert "`trian`" in message({**default_params, "trian": {}})
+
+
+@pytest.mark.parametrize("section,key,value,allowed", [
+    ("train", "epochs", "ten", "whole number"),
+    ("train", "epochs", 0, "whole number >= 1"),
+    ("train", "batch_size", -4, "whole number >= 1"),
+    ("train", "epochs", 2.5, "whole number"),
+    ("train", "max_lr", -0.1, "`find`"),
+    ("train", "max_lr", "fnd", "`find`"),
+    ("train", "div_factor", 0.5, ">= 1"),
+    ("train", "anneal_strategy", "cosine", "linear, cos"),
+    ("optim", "name", "rmsprop", "adam, adamw, sgd"),
+    ("optim", "label_smoothing", 1.0, "< 1"),
+    ("augment", "hflip", 1.5, "0 to 1"),
+    ("data", "source", "imagenet", "cifar10, synthetic"),
+    ("data", "md5", "abc", "hexadecimal"),
+    ("data", "synthetic_train_size", 0, ">= 1"),
+    ("model", "name", "resnet1000", "custom_resnet"),
+    ("runtime", "device", "tpu", "auto, cpu, cuda"),
+    ("runtime", "num_workers", -1, "auto or"),
+    ("lr_find", "rule", "minimum", "steepest, valley, min_div_10"),
+])
+def test_bad_value_names_key_and_allowed(default_params, section, key, value, allowed):
+    text = message(merge(default_params, {section: {key: value}}))
+    assert f"`{section}.{key}`" in text and allowed in text
+
+
+def test_max_at_epoch_must_be_within_epochs(default_params):
+    text = message(merge(default_params, {"train": {"max_at_epoch": 25}}))
+    assert "`train.max_at_epoch`" in text and "1..train.epochs (24)" in text
+
+
+def test_batch_larger_than_synthetic_training_set(default_params):
+    raw = merge(default_params, {"data": {"source": "synthetic", "synthetic_train_size": 100}})
+    assert "`train.batch_size`" in message(raw)
+
+
+def test_missing_key(default_params):
+    del default_params["train"]["seed"]
+    assert "`train.seed` is missing" in message(default_params)
+
+
+def test_max_lr_find_is_accepted(default_params):
+    assert parse_params(merge(default_params, {"train": {"max_lr": "find"}})).train.max_lr == "find"
+
+
+def test_invalid_yaml_is_one_line(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("train:\n  epochs: [1, 2\n")
+    with pytest.raises(ParamsError, match=r"not valid YAML at line \d+") as err:
+        load_params(bad)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ParamsError, match="cannot read"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_round_trip_through_yaml(default_params, tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(default_params))
+    assert load_params(path).to_dict() == parse_params(default_params).to_dict()
