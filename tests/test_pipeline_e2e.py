@@ -1,0 +1,117 @@
+"""End to end: the real `dvc repro` / `dvc exp run` / `dvc plots diff` in a temporary git copy."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, TINY, merge, run, write_params
+
+pytestmark = pytest.mark.e2e
+
+COPIED = ("dvc.yaml", "params.yaml", "stages", "src", "pyproject.toml", ".dvc/config", ".dvcignore", ".gitignore")
+
+
+def make_repo(tmp_path: Path, override: dict) -> Path:
+    """A fresh git + DVC repo holding the pipeline, with tiny synthetic params committed."""
+    work = tmp_path / "repo"
+    work.mkdir()
+    for name in COPIED:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, work / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            (work / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, work / name)
+    write_params(work, merge(yaml.safe_load((REPO / "params.yaml").read_text()), override))
+    run(["git", "init", "-q"], work)
+    run(["git", "config", "user.email", "test@example.com"], work)
+    run(["git", "config", "user.name", "test"], work)
+    run(["git", "add", "-A"], work)
+    run(["git", "commit", "-qm", "tiny pipeline"], work)
+    return work
+
+
+def declared_outputs(work: Path) -> list[Path]:
+    stages = yaml.safe_load((work / "dvc.yaml").read_text())["stages"]
+    outs = []
+    for stage in stages.values():
+        for out in stage.get("outs", []):
+            outs.append(work / (next(iter(out)) if isinstance(out, dict) else out))
+    return outs
+
+
+def ran_stages(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """One `dvc repro` of the tiny pipeline, committed as the baseline."""
+    work = make_repo(tmp_path_factory.mktemp("e2e"), TINY)
+    result = run(["dvc", "repro"], work)
+    run(["git", "add", "-A"], work)
+    run(["git", "commit", "-qm", "baseline run"], work)
+    return work, result.stdout
+
+
+def test_repro_runs_every_stage_and_writes_every_output(pipeline):
+    work, output = pipeline
+    assert ran_stages(output) == {"download", "lr_find", "train", "evaluate", "report"}
+    missing = [str(p.relative_to(work)) for p in declared_outputs(work) if not p.exists()]
+    assert missing == []
+
+
+def test_synthetic_run_learns_well_above_chance(pipeline):
+    work, _ = pipeline
+    evaluation = json.loads((work / "metrics/evaluate.json").read_text())
+    assert evaluation["split"] == "test" and evaluation["test_images"] == TINY["data"]["synthetic_test_size"]
+    assert evaluation["data_source"] == "synthetic"
+    assert evaluation["accuracy"] > 0.3          # chance is 0.1
+
+
+def test_outputs_are_consistent(pipeline):
+    work, _ = pipeline
+    lr_find = json.loads((work / "metrics/lr_find.json").read_text())
+    assert lr_find["max_lr"] < lr_find["loss_minimum_lr"]
+    lrs = [float(line.split(",")[1]) for line in (work / "plots/lr_schedule.csv").read_text().splitlines()[1:]]
+    steps_per_epoch = TINY["data"]["synthetic_train_size"] // TINY["train"]["batch_size"]
+    assert len(lrs) == TINY["train"]["epochs"] * steps_per_epoch       # stepped every batch
+    assert max(lrs) == pytest.approx(TINY["train"]["max_lr"])
+    assert lrs.index(max(lrs)) == TINY["train"]["max_at_epoch"] * steps_per_epoch - 1
+    report = (work / "reports/report.md").read_text()
+    accuracy = json.loads((work / "metrics/evaluate.json").read_text())["accuracy"]
+    assert f"{100 * accuracy:.2f}%" in report and "not met" in report
+
+
+def test_noop_repro_runs_nothing(pipeline):
+    work, _ = pipeline
+    assert ran_stages(run(["dvc", "repro"], work).stdout) == set()
+
+
+def test_exp_run_with_new_max_lr_reruns_only_downstream(pipeline):
+    work, _ = pipeline
+    result = run(["dvc", "exp", "run", "-n", "lower-lr", "-S", "train.max_lr=0.001"], work)
+    assert ran_stages(result.stdout) == {"train", "evaluate", "report"}
+    shown = run(["dvc", "exp", "show", "--json"], work).stdout
+    assert "lower-lr" in shown
+
+    metrics = run(["dvc", "metrics", "show", "--json"], work).stdout
+    assert "accuracy" in metrics
+    diff = run(["dvc", "metrics", "diff", "HEAD", "lower-lr", "--json"], work)
+    assert diff.returncode == 0
+
+    out = work / "plots_diff"
+    run(["dvc", "plots", "diff", "HEAD", "lower-lr", "-o", str(out)], work)
+    html = (out / "index.html").read_text()
+    assert "lower-lr" in html and "Accuracy per epoch" in html
+
+
+def test_report_params_rerun_only_report(pipeline):
+    work, _ = pipeline
+    result = run(["dvc", "exp", "run", "-S", "report.target_accuracy=0.5"], work)
+    assert ran_stages(result.stdout) == {"report"}
