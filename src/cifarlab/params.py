@@ -206,6 +206,7 @@ class EvaluateParams:
 
 @dataclass(frozen=True)
 class ReportParams:
+    preset: str = key(text)
     target_accuracy: float = key(probability)
     title: str = key(text)
 

@@ -114,7 +114,7 @@ def build_report(params: ReportParams, out_dir: Path = paths.REPORT_DIR) -> Path
                        "platform": platform.platform(), **_versions()}
         sections = [
             f"# {params.title}",
-            f"Data source: **{evaluation['data_source']}** ({evaluation['test_images']} held-out test images). "
+            f"Preset: **{params.preset}**. Data source: **{evaluation['data_source']}** ({evaluation['test_images']} held-out test images). "
             f"Model: **{checkpoint['arch']}**, {epochs} epochs.",
             "## Result",
             _table(["metric", "value"], [
