@@ -58,3 +58,20 @@ def run(cmd: list[str], cwd: Path, check: bool = True, timeout: float = 900) -> 
 
 def write_params(directory: Path, params: dict) -> None:
     (directory / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture
+def stage_dir(tmp_path, tiny_params):
+    """A working directory with the stage scripts, tiny params and the synthetic dataset written:
+    stages run in it as `python stages/<name>.py`, exactly as `dvc repro` runs them."""
+    from cifarlab.data import make_synthetic, save_dataset
+
+    work = tmp_path / "work"
+    (work / "stages").mkdir(parents=True)
+    for script in (REPO / "stages").glob("*.py"):
+        (work / "stages" / script.name).write_text(script.read_text())
+    write_params(work, tiny_params)
+    data = tiny_params["data"]
+    save_dataset(make_synthetic(data["synthetic_train_size"], data["synthetic_test_size"], data["synthetic_seed"]),
+                 work / "data")
+    return work

@@ -84,7 +84,73 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True)
+
+
+def rng_state() -> dict:
+    """Every global RNG a training step can draw from (dropout, init), for exact resume."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class TrainingDiverged(CifarlabError):
+    """The loss became non-finite or exploded; the message names epoch, step and LR."""
+
+
+class DivergenceGuard:
+    """Watches the batch loss on the device: trips on a non-finite loss, or when the smoothed loss
+    exceeds `factor` times its best so far. Reading the verdict (`check`) is the only host sync."""
+
+    SMOOTHING = 0.9
+
+    def __init__(self, factor: float, device: torch.device):
+        self.factor = factor
+        self.ema = torch.full((), float("nan"), device=device)
+        self.best = torch.full((), float("inf"), device=device)
+        self.tripped = torch.zeros((), dtype=torch.bool, device=device)
+        self.trip_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.trip_loss = torch.zeros((), device=device)
+
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        loss = loss.detach().float()
+        first = torch.isnan(self.ema)
+        self.ema = torch.where(first, loss, self.SMOOTHING * self.ema + (1 - self.SMOOTHING) * loss)
+        bad = ~torch.isfinite(loss) | (self.ema > self.factor * self.best)
+        self.best = torch.minimum(self.best, self.ema)
+        newly = bad & ~self.tripped
+        self.trip_step = torch.where(newly, torch.full_like(self.trip_step, step), self.trip_step)
+        self.trip_loss = torch.where(newly, loss, self.trip_loss)
+        self.tripped = self.tripped | bad
+
+    def check(self, lrs_by_step: list[float], steps_per_epoch: int) -> None:
+        if not bool(self.tripped):
+            return
+        step = int(self.trip_step)
+        loss = float(self.trip_loss)
+        why = (f"loss {loss:.4g} is not finite" if not np.isfinite(loss) else
+               f"smoothed loss exceeded {self.factor:g} x its best ({float(self.best):.4g})")
+        raise TrainingDiverged(
+            f"training diverged at epoch {step // steps_per_epoch + 1}, step {step} (lr {lrs_by_step[step]:.3g}): "
+            f"{why}; lower train.max_lr (or use train.max_lr=find)")
+
+    def state_dict(self) -> dict:
+        return {name: getattr(self, name).cpu() for name in ("ema", "best", "tripped", "trip_step", "trip_loss")}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, value in state.items():
+            setattr(self, name, value.to(self.tripped.device))
 
 
 class Classifier(nn.Module):
@@ -134,19 +200,24 @@ def to_device(images: torch.Tensor, labels: torch.Tensor, runtime: Runtime) -> t
 
 def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer, scheduler,
                     runtime: Runtime, label_smoothing: float = 0.0, scaler=None,
-                    progress: Optional[tqdm] = None) -> dict:
+                    progress: Optional[tqdm] = None, guard: Optional[DivergenceGuard] = None,
+                    lrs: Optional[list[float]] = None) -> dict:
     """One pass over `batches`, stepping the scheduler after every batch.
 
-    Loss and correct counts accumulate on the device: there is no host sync per batch except for
-    the progress bar, which reads the running loss every few batches.
+    Loss and correct counts accumulate on the device: there is no host sync per batch except
+    every few batches, where the progress bar reads the running loss and the divergence guard is
+    checked. `lrs` is the run's per-batch LR log so far; this epoch's LRs are appended to it.
     """
     model.train()
     loss_sum = torch.zeros((), device=runtime.device)
     correct = torch.zeros((), device=runtime.device, dtype=torch.long)
     seen = 0
-    lrs: list[float] = []
+    lrs = [] if lrs is None else lrs
+    first_step = scheduler.last_epoch
+    steps_per_epoch = len(batches) if hasattr(batches, "__len__") else 0
     for batch_index, (images, labels) in enumerate(batches):
         images, labels = to_device(images, labels, runtime)
+        step = first_step + batch_index
         lrs.append(optimizer.param_groups[0]["lr"])
         with runtime.autocast():
             logits = model(images)
@@ -166,11 +237,19 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
         loss_sum += loss.detach() * len(labels)
         correct += (logits.argmax(1) == labels).sum()
         seen += len(labels)
+        if guard is not None:
+            guard.update(loss, step)
         if progress is not None:
             progress.update(1)
-            if batch_index % 10 == 0:
+        if batch_index % 10 == 9:
+            if guard is not None:
+                guard.check(lrs, steps_per_epoch)
+            if progress is not None:
                 progress.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", lr=f"{lrs[-1]:.2e}")
-    return {"loss": loss_sum.item() / seen, "accuracy": correct.item() / seen, "images": seen, "lrs": lrs}
+    if guard is not None:
+        guard.check(lrs, steps_per_epoch)
+    return {"loss": loss_sum.item() / seen, "accuracy": correct.item() / seen, "images": seen,
+            "last_lr": lrs[-1]}
 
 
 @torch.inference_mode()

@@ -13,11 +13,16 @@ class CifarlabError(Exception):
     and keeps its traceback.
     """
 
+    exit_code = 1
+
 
 def run_stage(main: Callable[[], None]) -> None:
-    """Run a stage's `main`, turning a CifarlabError into a one-line message and exit code 1."""
+    """Run a stage's `main`, turning a CifarlabError into a one-line message and a non-zero exit."""
     try:
         main()
     except CifarlabError as err:
         print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
+        raise SystemExit(err.exit_code) from None
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None

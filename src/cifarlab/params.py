@@ -196,6 +196,7 @@ class TrainParams:
     anneal_strategy: str = key(one_of("linear", "cos"))
     cycle_momentum: bool = key(boolean)
     seed: int = key(any_int)
+    diverge_factor: float = key(float_at_least(1.0))
 
 
 @dataclass(frozen=True)
@@ -217,6 +218,7 @@ class RuntimeParams:
     precision: str = key(one_of("auto", "fp32", "bf16", "fp16"))
     channels_last: Union[bool, str] = key(auto_or(boolean, "true or false"))
     num_workers: Union[int, str] = key(auto_or(non_negative_int, "a whole number >= 0"))
+    deterministic: bool = key(boolean)
 
 
 @dataclass(frozen=True)

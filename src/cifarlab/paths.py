@@ -12,6 +12,7 @@ TRAIN_LIVE_DIR = Path("metrics/train")              # dvclive: metrics.json + pe
 TRAIN_SPEED = Path("metrics/train_speed.json")      # images/s and epoch seconds, apart from learning metrics
 LR_SCHEDULE = Path("plots/lr_schedule.csv")         # step, lr actually used for every batch
 CHECKPOINT = Path("models/model.pt")
+TRAIN_STATE = Path("models/train_state.pt")         # persisted full state after every epoch, for resume
 
 EVAL_METRICS = Path("metrics/evaluate.json")
 CONFUSION = Path("plots/confusion.csv")             # actual, predicted per test image

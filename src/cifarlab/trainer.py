@@ -2,28 +2,44 @@
 
 The test split is measured after every epoch for the curves only; nothing is selected or stopped
 on it, and the saved model is the last epoch's.
+
+After every epoch the full training state (model, optimizer, scheduler, scaler, RNG states, guard,
+logged history) is saved to `models/train_state.pt`, a DVC `persist` out. A rerun after an
+interruption resumes from it when its fingerprint (the params train reads, the resolved max LR and
+runtime, the data and the code) matches; otherwise it starts fresh and says why.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from dvclive import Live
 from tqdm import tqdm
 
+import cifarlab
 from cifarlab import paths
 from cifarlab.atomic import atomic_path, write_json
 from cifarlab.augment import build_train_transform
 from cifarlab.checkpoint import save_checkpoint
 from cifarlab.data import Dataset, iterate_batches
-from cifarlab.engine import Runtime, build_model, evaluate, seed_everything, train_loader, train_one_epoch
+from cifarlab.engine import (DivergenceGuard, Runtime, TrainingDiverged, build_model, evaluate, rng_state,
+                             seed_everything, set_rng_state, train_loader, train_one_epoch)
 from cifarlab.errors import CifarlabError
 from cifarlab.params import Params
 from cifarlab.schedule import build_optimizer, build_scheduler, onecycle_for
+
+LOGGED = ("train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr")
+
+
+class Interrupted(CifarlabError):
+    """Ctrl-C during training; the last complete epoch's state is on disk."""
+
+    exit_code = 130
 
 
 def resolve_max_lr(max_lr: Union[float, str], lr_find_metrics: Path = paths.LR_FIND_METRICS) -> float:
@@ -38,11 +54,52 @@ def resolve_max_lr(max_lr: Union[float, str], lr_find_metrics: Path = paths.LR_F
     return float(suggested)
 
 
+def _hash_files(files: list[Path], digest) -> None:
+    for path in files:
+        digest.update(path.as_posix().encode())
+        with path.open("rb") as handle:
+            while chunk := handle.read(1 << 22):
+                digest.update(chunk)
+
+
+def run_fingerprint(params: Params, runtime: Runtime, max_lr: float, data_dir: Path = paths.DATA_DIR) -> str:
+    """A hash of everything that determines the run: what a resumed run must share with the saved one."""
+    digest = hashlib.sha256()
+    determining = {name: params.to_dict()[name] for name in ("model", "augment", "optim", "train")}
+    determining["resolved_max_lr"] = max_lr
+    determining["runtime"] = {k: v for k, v in runtime.describe().items() if k != "threads"}
+    digest.update(json.dumps(determining, sort_keys=True).encode())
+    _hash_files(sorted(data_dir.glob("*.npz")) + [data_dir / "meta.json"], digest)
+    code = Path(cifarlab.__file__).parent
+    digest.update(b"code")
+    for path in sorted(code.rglob("*.py")):
+        digest.update(path.relative_to(code).as_posix().encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def load_resume_state(path: Path, fingerprint: str) -> Optional[dict]:
+    """The saved state if it belongs to this run; None (with a line saying why) otherwise."""
+    if not path.exists():
+        print("train: no saved state, starting fresh")
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        saved = state["fingerprint"]
+    except Exception as err:  # a truncated or foreign file is not fatal: it is simply not resumable
+        print(f"train: saved state {path} is unreadable ({str(err).splitlines()[0][:120]}), starting fresh")
+        return None
+    if saved != fingerprint:
+        print(f"train: saved state {path} is from a different run (params, data or code changed), starting fresh")
+        return None
+    print(f"train: resuming from the end of epoch {state['epoch']} ({path})")
+    return state
+
+
 def fit(params: Params, dataset: Dataset, runtime: Runtime) -> dict:
     """Train for `train.epochs` epochs and write the checkpoint, dvclive metrics, speed and LR log."""
     train = params.train
     max_lr = resolve_max_lr(train.max_lr)
-    seed_everything(train.seed)
+    seed_everything(train.seed, params.runtime.deterministic)
     loader = train_loader(dataset.train, build_train_transform(params.augment), train.batch_size, train.seed,
                           runtime)
     model = build_model(params.model, runtime, len(dataset.classes))
@@ -50,39 +107,66 @@ def fit(params: Params, dataset: Dataset, runtime: Runtime) -> dict:
     cycle = onecycle_for(train, len(loader), max_lr)
     scheduler = build_scheduler(optimizer, cycle, train.cycle_momentum)
     scaler = torch.amp.GradScaler("cuda") if runtime.needs_grad_scaler() else None
+    guard = DivergenceGuard(train.diverge_factor, runtime.device)
+    history: dict[str, list[float]] = {name: [] for name in LOGGED}
+    lrs: list[float] = []
+    epoch_seconds: list[float] = []
+    images_per_second: list[float] = []
+
+    fingerprint = run_fingerprint(params, runtime, max_lr)
+    state = load_resume_state(paths.TRAIN_STATE, fingerprint)
+    first_epoch = 1
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state["scaler"] is not None:
+            scaler.load_state_dict(state["scaler"])
+        guard.load_state_dict(state["guard"])
+        set_rng_state(state["rng"])
+        history, lrs = state["history"], state["lrs"]
+        epoch_seconds, images_per_second = state["epoch_seconds"], state["images_per_second"]
+        first_epoch = state["epoch"] + 1
 
     print(f"train: {params.model.name} on {len(dataset.train)} {dataset.source} images, "
           f"{train.epochs} epochs x {len(loader)} steps, max_lr {max_lr:.3g} "
           f"({'lr_find' if train.max_lr == 'find' else 'params'}), {runtime.device} {runtime.precision}")
-    all_lrs: list[float] = []
-    epoch_seconds: list[float] = []
-    images_per_second: list[float] = []
     with Live(str(paths.TRAIN_LIVE_DIR), dvcyaml=False, save_dvc_exp=False) as live:
-        for epoch in range(1, train.epochs + 1):
-            started = time.perf_counter()
-            with tqdm(total=len(loader), desc=f"epoch {epoch}/{train.epochs}", leave=False) as bar:
-                result = train_one_epoch(model, loader.epoch(epoch), optimizer, scheduler, runtime,
-                                         params.optim.label_smoothing, scaler, bar)
-            seconds = time.perf_counter() - started
-            test = evaluate(model, iterate_batches(dataset.test, params.evaluate.batch_size), runtime)
-            all_lrs += result["lrs"]
-            epoch_seconds.append(seconds)
-            images_per_second.append(result["images"] / seconds)
-            live.step = epoch  # plots' x axis is the 1-based epoch, as in the seeds' logs
-            live.log_metric("train/loss", result["loss"])
-            live.log_metric("train/accuracy", result["accuracy"])
-            live.log_metric("test/loss", test["loss"])
-            live.log_metric("test/accuracy", test["accuracy"])
-            live.log_metric("lr", result["lrs"][-1])
-            live.next_step()
-            print(f"epoch {epoch:3d}  lr {result['lrs'][-1]:.3e}  train loss {result['loss']:.4f} "
-                  f"acc {result['accuracy']:.4f}  test loss {test['loss']:.4f} acc {test['accuracy']:.4f}  "
-                  f"{seconds:.1f}s {result['images'] / seconds:.0f} img/s")
+        for epoch in range(1, first_epoch):      # a resumed run re-logs the epochs it already has
+            _log(live, epoch, {name: values[epoch - 1] for name, values in history.items()})
+        epoch = first_epoch
+        try:
+            for epoch in range(first_epoch, train.epochs + 1):
+                started = time.perf_counter()
+                with tqdm(total=len(loader), desc=f"epoch {epoch}/{train.epochs}", leave=False) as bar:
+                    result = train_one_epoch(model, loader.epoch(epoch), optimizer, scheduler, runtime,
+                                             params.optim.label_smoothing, scaler, bar, guard, lrs)
+                seconds = time.perf_counter() - started
+                test = evaluate(model, iterate_batches(dataset.test, params.evaluate.batch_size), runtime)
+                row = {"train/loss": result["loss"], "train/accuracy": result["accuracy"],
+                       "test/loss": test["loss"], "test/accuracy": test["accuracy"], "lr": result["last_lr"]}
+                for name in LOGGED:
+                    history[name].append(row[name])
+                epoch_seconds.append(seconds)
+                images_per_second.append(result["images"] / seconds)
+                _log(live, epoch, row)
+                _save_state(paths.TRAIN_STATE, fingerprint, epoch, model, optimizer, scheduler, scaler, guard,
+                            history, lrs, epoch_seconds, images_per_second)
+                print(f"epoch {epoch:3d}  lr {row['lr']:.3e}  train loss {row['train/loss']:.4f} "
+                      f"acc {row['train/accuracy']:.4f}  test loss {row['test/loss']:.4f} "
+                      f"acc {row['test/accuracy']:.4f}  {seconds:.1f}s {result['images'] / seconds:.0f} img/s")
+        except TrainingDiverged as err:
+            kept = (f"the last good state (epoch {epoch - 1}) is kept in {paths.TRAIN_STATE}" if epoch > 1
+                    else "no epoch completed")
+            raise TrainingDiverged(f"{err}; {kept}") from None
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted during epoch {epoch}; the state after epoch {epoch - 1} is saved in "
+                              f"{paths.TRAIN_STATE}, rerun to resume") from None
         live.summary["max_lr"] = max_lr
         live.summary["epochs"] = train.epochs
 
     with atomic_path(paths.LR_SCHEDULE) as tmp:
-        tmp.write_text("step,lr\n" + "".join(f"{i},{lr!r}\n" for i, lr in enumerate(all_lrs)))
+        tmp.write_text("step,lr\n" + "".join(f"{i},{lr!r}\n" for i, lr in enumerate(lrs)))
     write_json(paths.TRAIN_SPEED, {
         "images_per_second": sum(images_per_second) / len(images_per_second),
         "epoch_seconds_mean": sum(epoch_seconds) / len(epoch_seconds),
@@ -91,3 +175,21 @@ def fit(params: Params, dataset: Dataset, runtime: Runtime) -> dict:
                     num_classes=len(dataset.classes), classes=list(dataset.classes),
                     data_source=dataset.source, params=params.to_dict())
     return {"max_lr": max_lr}
+
+
+def _log(live: Live, epoch: int, row: dict[str, float]) -> None:
+    live.step = epoch  # plots' x axis is the 1-based epoch, as in the seeds' logs
+    for name in LOGGED:
+        live.log_metric(name, row[name])
+    live.next_step()
+
+
+def _save_state(path: Path, fingerprint: str, epoch: int, model, optimizer, scheduler, scaler, guard,
+                history, lrs, epoch_seconds, images_per_second) -> None:
+    state = {"fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(),
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "scaler": scaler.state_dict() if scaler is not None else None, "guard": guard.state_dict(),
+             "rng": rng_state(), "history": history, "lrs": lrs, "epoch_seconds": epoch_seconds,
+             "images_per_second": images_per_second}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)

@@ -1,0 +1,202 @@
+"""Training: divergence guard, resume after interruption, determinism, clear errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cifarlab.engine import DivergenceGuard, TrainingDiverged
+from conftest import merge, run, tool_env, write_params
+
+# a7_net with dropout: small and fast, and its dropout draws from the global RNG, so an exact
+# resume must restore RNG state as well as weights.
+FAST = {"model": {"name": "a7_net", "dropout": 0.05},
+        "train": {"epochs": 3, "batch_size": 64, "max_lr": 0.01, "max_at_epoch": 1},
+        "runtime": {"deterministic": True}}
+
+
+def train_in(work: Path, override: dict | None = None, check: bool = True):
+    if override:
+        write_params(work, merge(json.loads(json.dumps(_params(work))), override))
+    return run(["python", "stages/train.py"], work, check=check)
+
+
+def _params(work: Path) -> dict:
+    import yaml
+    return yaml.safe_load((work / "params.yaml").read_text())
+
+
+def outputs(work: Path) -> tuple[dict, dict]:
+    metrics = json.loads((work / "metrics/train/metrics.json").read_text())
+    weights = torch.load(work / "models/model.pt", weights_only=False)["state_dict"]
+    return metrics, weights
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+# --- divergence guard -----------------------------------------------------------------------------
+
+def guard_after(losses: list[float], factor: float = 4.0) -> DivergenceGuard:
+    guard = DivergenceGuard(factor, torch.device("cpu"))
+    for step, loss in enumerate(losses):
+        guard.update(torch.tensor(loss), step)
+    return guard
+
+
+def test_guard_quiet_on_a_normal_curve():
+    guard_after([2.3 * math.exp(-0.05 * s) + 0.1 for s in range(200)]).check([1e-3] * 200, 10)
+
+
+def test_guard_trips_on_nan_and_names_epoch_step_lr():
+    guard = guard_after([2.3, 2.0, 1.8, float("nan"), 1.0])
+    with pytest.raises(TrainingDiverged, match=r"epoch 1, step 3 \(lr 0\.69\): loss nan is not finite"):
+        guard.check([0.1, 0.2, 0.3, 0.69, 0.7], 98)
+
+
+def test_guard_trips_on_explosion():
+    losses = [0.5] * 50 + [30.0] * 20
+    with pytest.raises(TrainingDiverged, match="exceeded 4 x its best.*lower train.max_lr"):
+        guard_after(losses).check([0.01] * 70, 10)
+
+
+def test_absurd_max_lr_stops_training(stage_dir):
+    result = train_in(stage_dir, merge(FAST, {"train": {"max_lr": 1.0e4, "epochs": 2}}), check=False)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "training diverged at epoch" in errors[0] and "lower train.max_lr" in errors[0]
+    assert "Traceback" not in result.stderr
+    assert not (stage_dir / "models/model.pt").exists()
+
+
+def test_sane_max_lr_trains_and_keeps_the_last_epoch(stage_dir):
+    train_in(stage_dir, FAST)
+    metrics, _ = outputs(stage_dir)
+    assert metrics["epochs"] == 3 and metrics["step"] == 3
+    state = torch.load(stage_dir / "models/train_state.pt", weights_only=False)
+    assert state["epoch"] == 3 and len(state["history"]["train/loss"]) == 3
+    tsv = (stage_dir / "metrics/train/plots/metrics/train/loss.tsv").read_text().splitlines()
+    assert [line.split("\t")[0] for line in tsv[1:]] == ["1", "2", "3"]
+
+
+# --- resume and determinism -----------------------------------------------------------------------
+
+@pytest.fixture
+def reference(stage_dir, tmp_path):
+    """An uninterrupted deterministic run; returns (metrics, weights)."""
+    train_in(stage_dir, FAST)
+    return outputs(stage_dir)
+
+
+def fresh_copy(stage_dir: Path, tmp_path: Path, name: str) -> Path:
+    import shutil
+    other = tmp_path / name
+    shutil.copytree(stage_dir, other, ignore=shutil.ignore_patterns("models", "metrics", "plots"))
+    return other
+
+
+def test_same_params_give_identical_metrics_and_weights(stage_dir, reference, tmp_path):
+    again = fresh_copy(stage_dir, tmp_path, "again")
+    train_in(again)
+    metrics, weights = outputs(again)
+    assert metrics == reference[0]
+    assert_same_weights(weights, reference[1])
+    assert (again / "plots/lr_schedule.csv").read_text() == (stage_dir / "plots/lr_schedule.csv").read_text()
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(stage_dir, reference, tmp_path):
+    work = fresh_copy(stage_dir, tmp_path, "killed")
+    state = work / "models/train_state.pt"
+    process = subprocess.Popen([sys.executable, "stages/train.py"], cwd=work, env=tool_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not state.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)                      # into epoch 2
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert torch.load(state, weights_only=False)["epoch"] in (1, 2)
+    assert not (work / "models/model.pt").exists()
+
+    resumed = train_in(work)
+    assert "resuming from the end of epoch" in resumed.stdout
+    metrics, weights = outputs(work)
+    assert metrics == reference[0]
+    assert_same_weights(weights, reference[1])
+    tsv = (work / "metrics/train/plots/metrics/test/accuracy.tsv").read_text().splitlines()
+    assert [line.split("\t")[0] for line in tsv[1:]] == ["1", "2", "3"]   # no duplicated or missing epochs
+
+
+def test_a_different_run_never_resumes(stage_dir, reference):
+    result = train_in(stage_dir, {"train": {"max_lr": 0.005}})
+    assert "from a different run" in result.stdout and "starting fresh" in result.stdout
+    assert outputs(stage_dir)[0]["max_lr"] == 0.005
+
+
+def test_unreadable_state_starts_fresh(stage_dir):
+    (stage_dir / "models").mkdir()
+    (stage_dir / "models/train_state.pt").write_bytes(b"not a checkpoint")
+    result = train_in(stage_dir, FAST)
+    assert "is unreadable" in result.stdout and "starting fresh" in result.stdout
+
+
+def test_ctrl_c_saves_the_last_complete_epoch(stage_dir):
+    write_params(stage_dir, merge(_params(stage_dir), merge(FAST, {"train": {"epochs": 6}})))
+    state = stage_dir / "models/train_state.pt"
+    process = subprocess.Popen([sys.executable, "stages/train.py"], cwd=stage_dir, env=tool_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not state.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert "interrupted during epoch" in stderr and "rerun to resume" in stderr
+    assert torch.load(state, weights_only=False)["epoch"] >= 1
+
+
+# --- clear errors -----------------------------------------------------------------------------------
+
+def test_max_lr_find_without_lr_find_output(stage_dir):
+    result = train_in(stage_dir, {"train": {"max_lr": "find"}}, check=False)
+    assert result.returncode == 1
+    assert "train.max_lr is `find` but metrics/lr_find.json is missing" in result.stderr
+
+
+def test_batch_larger_than_training_split(stage_dir):
+    # The params check catches this for synthetic data; the loader check covers CIFAR-10 and any
+    # data on disk whose size differs from params: here params claim 100,000 images, disk has 512.
+    result = train_in(stage_dir, {"data": {"synthetic_train_size": 100000}, "train": {"batch_size": 600}},
+                      check=False)
+    assert result.returncode == 1
+    assert "train.batch_size is 600; allowed: at most the training split size (512)" in result.stderr
+
+
+def test_fingerprint_depends_on_code_data_and_params(stage_dir, monkeypatch):
+    from cifarlab.engine import select_runtime
+    from cifarlab.params import parse_params
+    from cifarlab.trainer import run_fingerprint
+
+    monkeypatch.chdir(stage_dir)
+    params = parse_params(_params(stage_dir))
+    runtime = select_runtime(params.runtime)
+    base = run_fingerprint(params, runtime, 0.01)
+    assert run_fingerprint(params, runtime, 0.01) == base
+    assert run_fingerprint(params, runtime, 0.02) != base
+    changed = parse_params(merge(_params(stage_dir), {"augment": {"hflip": 0.0}}))
+    assert run_fingerprint(changed, runtime, 0.01) != base
+    (stage_dir / "data/meta.json").write_text((stage_dir / "data/meta.json").read_text() + " ")
+    assert run_fingerprint(params, runtime, 0.01) != base
