@@ -29,7 +29,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as err:  # torch raises many types for a damaged file
         raise CifarlabError(f"checkpoint {path} is unreadable (truncated or not a checkpoint): "
                             f"{str(err).splitlines()[0][:200]}") from None
-    model = Classifier(arch, dropout=state.get("dropout", 0.0), num_classes=state.get("num_classes", 10))
+    try:
+        model = Classifier(arch, dropout=state.get("dropout", 0.0), num_classes=state.get("num_classes", 10))
+    except KeyError as err:
+        raise CifarlabError(f"checkpoint {path} names {err.args[0]}") from None
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:
