@@ -197,14 +197,15 @@ class Normalize(nn.Module):
 class ImageDataset(torch.utils.data.Dataset):
     """A split as (uint8 CHW tensor, label) pairs, with an optional per-image albumentations transform.
 
-    The transform's random state is reseeded per (epoch, worker) by `seed_transform`, so an epoch's
-    augmentations depend only on the seed, the epoch and the worker count.
+    The transform is reseeded for every image from (seed, epoch, index), so an image's augmentation
+    depends on nothing else: not on the worker that loads it, the number of workers, or which
+    process of a distributed run it lands on.
     """
 
-    def __init__(self, split: Split, transform: Optional[Callable] = None):
+    def __init__(self, split: Split, transform: Optional[Callable] = None, seed: int = 0):
         self.split = split
         self.transform = transform
-        self.seed = 0
+        self.seed = seed
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -213,43 +214,58 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         image = self.split.images[index]
         if self.transform is not None:
+            self.transform.set_random_seed((self.seed * 1_000_003 + self.epoch) * 100_003 + index)
             image = self.transform(image=image)["image"]
         return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), int(self.split.labels[index])
 
-    def seed_transform(self, worker_id: int) -> None:
-        if self.transform is not None and hasattr(self.transform, "set_random_seed"):
-            self.transform.set_random_seed(self.seed * 1_000_003 + self.epoch * 1_009 + worker_id)
 
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """Shuffled batches whose order depends only on (seed, epoch); with `world_size` > 1, this
+    process's contiguous share of each global batch.
 
-def _seed_worker(worker_id: int) -> None:
-    torch.utils.data.get_worker_info().dataset.seed_transform(worker_id)
+    The union of all processes' shares of step k is exactly the single-process batch k, so a
+    distributed run sees the same global batches as a single-process run of the same batch size.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return -(-self.size // self.batch_size)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+        order = torch.randperm(self.size, generator=generator).tolist()
+        for start in range(0, self.size, self.batch_size):
+            batch = order[start:start + self.batch_size]
+            share = -(-len(batch) // self.world_size)
+            yield batch[self.rank * share:(self.rank + 1) * share]
 
 
 class EpochLoader:
-    """A shuffling training loader whose order and augmentations are a function of (seed, epoch)."""
+    """A shuffling training loader whose batches and augmentations are a function of (seed, epoch)."""
 
-    def __init__(self, dataset: ImageDataset, batch_size: int, seed: int, num_workers: int, pin_memory: bool):
+    def __init__(self, dataset: ImageDataset, batch_size: int, seed: int, num_workers: int, pin_memory: bool,
+                 rank: int = 0, world_size: int = 1):
         self.dataset = dataset
-        self.batch_size = batch_size
-        self.seed = seed
+        self.sampler = GlobalBatchSampler(len(dataset), batch_size, seed, rank, world_size)
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         dataset.seed = seed
 
     def __len__(self) -> int:
-        return -(-len(self.dataset) // self.batch_size)
+        return len(self.sampler)
 
     def epoch(self, epoch: int) -> torch.utils.data.DataLoader:
         """The DataLoader for `epoch`: iterate it once for that epoch's batches."""
         self.dataset.epoch = epoch
-        if self.num_workers == 0:
-            self.dataset.seed_transform(0)
-        generator = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+        self.sampler.epoch = epoch
         return torch.utils.data.DataLoader(
-            self.dataset, batch_size=self.batch_size, shuffle=True, generator=generator,
-            num_workers=self.num_workers, worker_init_fn=_seed_worker if self.num_workers else None,
-            pin_memory=self.pin_memory, drop_last=False,
-            prefetch_factor=4 if self.num_workers else None)
+            self.dataset, batch_sampler=self.sampler, num_workers=self.num_workers,
+            pin_memory=self.pin_memory, prefetch_factor=4 if self.num_workers else None,
+            persistent_workers=False)
 
 
 def iterate_batches(split: Split, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
