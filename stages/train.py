@@ -2,6 +2,7 @@
 
 from cifarlab import paths
 from cifarlab.data import load_dataset
+from cifarlab.distributed import init_distributed, shutdown
 from cifarlab.engine import select_runtime
 from cifarlab.errors import run_stage
 from cifarlab.params import load_params
@@ -10,7 +11,12 @@ from cifarlab.trainer import fit
 
 def main() -> None:
     params = load_params()
-    fit(params, load_dataset(paths.DATA_DIR), select_runtime(params.runtime))
+    runtime = select_runtime(params.runtime)
+    world = init_distributed(runtime.device.type)
+    try:
+        fit(params, load_dataset(paths.DATA_DIR), runtime, world)
+    finally:
+        shutdown()
 
 
 if __name__ == "__main__":

@@ -233,13 +233,15 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
         self.epoch = 0
 
     def __len__(self) -> int:
-        return -(-self.size // self.batch_size)
+        full, rest = divmod(self.size, self.batch_size)
+        # A last batch too small to give every process an image is dropped (distributed runs only).
+        return full + (1 if rest >= self.world_size else 0)
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
         order = torch.randperm(self.size, generator=generator).tolist()
-        for start in range(0, self.size, self.batch_size):
-            batch = order[start:start + self.batch_size]
+        for step in range(len(self)):
+            batch = order[step * self.batch_size:(step + 1) * self.batch_size]
             share = -(-len(batch) // self.world_size)
             yield batch[self.rank * share:(self.rank + 1) * share]
 

@@ -15,6 +15,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cifarlab.data import EpochLoader, ImageDataset, Normalize, Split
+from cifarlab.distributed import all_reduce_sum, any_process
 from cifarlab.errors import CifarlabError
 from cifarlab.models import create_model, model_spec
 from cifarlab.params import ModelParams, RuntimeParams
@@ -135,7 +136,8 @@ class DivergenceGuard:
         self.tripped = self.tripped | bad
 
     def check(self, lrs_by_step: list[float], steps_per_epoch: int) -> None:
-        if not bool(self.tripped):
+        """Raise TrainingDiverged if the guard tripped here or in any other process."""
+        if not any_process(self.tripped):
             return
         step = int(self.trip_step)
         loss = float(self.trip_loss)
@@ -181,13 +183,15 @@ def build_model(params: ModelParams, runtime: Runtime, num_classes: int) -> Clas
     return prepare_model(Classifier(params.name, params.dropout, num_classes), runtime)
 
 
-def train_loader(split: Split, transform, batch_size: int, seed: int, runtime: Runtime) -> EpochLoader:
-    """The augmented, shuffled training loader with worker and pinning settings for the device."""
+def train_loader(split: Split, transform, batch_size: int, seed: int, runtime: Runtime,
+                 rank: int = 0, world_size: int = 1) -> EpochLoader:
+    """The augmented, shuffled training loader with worker and pinning settings for the device;
+    in a distributed run, this process's share of every global batch."""
     if batch_size > len(split):
         raise CifarlabError(f"train.batch_size is {batch_size}; allowed: at most the training split size "
                             f"({len(split)})")
     return EpochLoader(ImageDataset(split, transform), batch_size, seed, runtime.num_workers,
-                       pin_memory=runtime.device.type == "cuda")
+                       pin_memory=runtime.device.type == "cuda", rank=rank, world_size=world_size)
 
 
 def to_device(images: torch.Tensor, labels: torch.Tensor, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,7 +252,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
                 progress.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", lr=f"{lrs[-1]:.2e}")
     if guard is not None:
         guard.check(lrs, steps_per_epoch)
-    return {"loss": loss_sum.item() / seen, "accuracy": correct.item() / seen, "images": seen,
+    loss_total, correct_total, seen_total = all_reduce_sum([loss_sum.item(), correct.item(), seen], runtime.device)
+    return {"loss": loss_total / seen_total, "accuracy": correct_total / seen_total, "images": int(seen_total),
             "last_lr": lrs[-1]}
 
 

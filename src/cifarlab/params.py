@@ -220,6 +220,7 @@ class RuntimeParams:
     num_workers: Union[int, str] = key(auto_or(non_negative_int, "a whole number >= 0"))
     deterministic: bool = key(boolean)
 
+    nproc: int = key(positive_int)
 
 @dataclass(frozen=True)
 class Params:

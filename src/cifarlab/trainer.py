@@ -11,6 +11,7 @@ runtime, the data and the code) matches; otherwise it starts fresh and says why.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -27,6 +28,7 @@ from cifarlab.atomic import atomic_path, write_json
 from cifarlab.augment import build_train_transform
 from cifarlab.checkpoint import save_checkpoint
 from cifarlab.data import Dataset, iterate_batches
+from cifarlab.distributed import Distributed, check_batch_size
 from cifarlab.engine import (DivergenceGuard, Runtime, TrainingDiverged, build_model, evaluate, rng_state,
                              seed_everything, set_rng_state, train_loader, train_one_epoch)
 from cifarlab.errors import CifarlabError
@@ -62,12 +64,14 @@ def _hash_files(files: list[Path], digest) -> None:
                 digest.update(chunk)
 
 
-def run_fingerprint(params: Params, runtime: Runtime, max_lr: float, data_dir: Path = paths.DATA_DIR) -> str:
+def run_fingerprint(params: Params, runtime: Runtime, max_lr: float, data_dir: Path = paths.DATA_DIR,
+                    world_size: int = 1) -> str:
     """A hash of everything that determines the run: what a resumed run must share with the saved one."""
     digest = hashlib.sha256()
     determining = {name: params.to_dict()[name] for name in ("model", "augment", "optim", "train")}
     determining["resolved_max_lr"] = max_lr
-    determining["runtime"] = {k: v for k, v in runtime.describe().items() if k != "threads"}
+    determining["runtime"] = {k: v for k, v in runtime.describe().items() if k not in ("threads", "num_workers")}
+    determining["world_size"] = world_size
     digest.update(json.dumps(determining, sort_keys=True).encode())
     _hash_files(sorted(data_dir.glob("*.npz")) + [data_dir / "meta.json"], digest)
     code = Path(cifarlab.__file__).parent
@@ -77,32 +81,41 @@ def run_fingerprint(params: Params, runtime: Runtime, max_lr: float, data_dir: P
     return digest.hexdigest()
 
 
-def load_resume_state(path: Path, fingerprint: str) -> Optional[dict]:
+def load_resume_state(path: Path, fingerprint: str, verbose: bool = True) -> Optional[dict]:
     """The saved state if it belongs to this run; None (with a line saying why) otherwise."""
+    say = print if verbose else (lambda *_: None)
     if not path.exists():
-        print("train: no saved state, starting fresh")
+        say("train: no saved state, starting fresh")
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
         saved = state["fingerprint"]
     except Exception as err:  # a truncated or foreign file is not fatal: it is simply not resumable
-        print(f"train: saved state {path} is unreadable ({str(err).splitlines()[0][:120]}), starting fresh")
+        say(f"train: saved state {path} is unreadable ({str(err).splitlines()[0][:120]}), starting fresh")
         return None
     if saved != fingerprint:
-        print(f"train: saved state {path} is from a different run (params, data or code changed), starting fresh")
+        say(f"train: saved state {path} is from a different run (params, data or code changed), starting fresh")
         return None
-    print(f"train: resuming from the end of epoch {state['epoch']} ({path})")
+    say(f"train: resuming from the end of epoch {state['epoch']} ({path})")
     return state
 
 
-def fit(params: Params, dataset: Dataset, runtime: Runtime) -> dict:
-    """Train for `train.epochs` epochs and write the checkpoint, dvclive metrics, speed and LR log."""
+def fit(params: Params, dataset: Dataset, runtime: Runtime, world: Distributed = Distributed()) -> dict:
+    """Train for `train.epochs` epochs and write the checkpoint, dvclive metrics, speed and LR log.
+
+    In a distributed run every process calls this; only rank 0 evaluates, logs and writes files.
+    """
     train = params.train
     max_lr = resolve_max_lr(train.max_lr)
-    seed_everything(train.seed, params.runtime.deterministic)
+    check_batch_size(train.batch_size, world)
+    seed_everything(train.seed + world.rank, params.runtime.deterministic)
     loader = train_loader(dataset.train, build_train_transform(params.augment), train.batch_size, train.seed,
-                          runtime)
-    model = build_model(params.model, runtime, len(dataset.classes))
+                          runtime, world.rank, world.world_size)
+    net = build_model(params.model, runtime, len(dataset.classes))
+    model = net
+    if world.enabled:
+        model = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[world.local_rank] if runtime.device.type == "cuda" else None)
     optimizer = build_optimizer(model, params.optim, lr=max_lr / train.div_factor)
     cycle = onecycle_for(train, len(loader), max_lr)
     scheduler = build_scheduler(optimizer, cycle, train.cycle_momentum)
@@ -113,11 +126,11 @@ def fit(params: Params, dataset: Dataset, runtime: Runtime) -> dict:
     epoch_seconds: list[float] = []
     images_per_second: list[float] = []
 
-    fingerprint = run_fingerprint(params, runtime, max_lr)
-    state = load_resume_state(paths.TRAIN_STATE, fingerprint)
+    fingerprint = run_fingerprint(params, runtime, max_lr, world_size=world.world_size)
+    state = load_resume_state(paths.TRAIN_STATE, fingerprint, verbose=world.is_main)
     first_epoch = 1
     if state is not None:
-        model.load_state_dict(state["model"])
+        net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state["scaler"] is not None:
@@ -128,29 +141,36 @@ def fit(params: Params, dataset: Dataset, runtime: Runtime) -> dict:
         epoch_seconds, images_per_second = state["epoch_seconds"], state["images_per_second"]
         first_epoch = state["epoch"] + 1
 
-    print(f"train: {params.model.name} on {len(dataset.train)} {dataset.source} images, "
-          f"{train.epochs} epochs x {len(loader)} steps, max_lr {max_lr:.3g} "
-          f"({'lr_find' if train.max_lr == 'find' else 'params'}), {runtime.device} {runtime.precision}")
-    with Live(str(paths.TRAIN_LIVE_DIR), dvcyaml=False, save_dvc_exp=False) as live:
+    if world.is_main:
+        print(f"train: {params.model.name} on {len(dataset.train)} {dataset.source} images, "
+              f"{train.epochs} epochs x {len(loader)} steps, max_lr {max_lr:.3g} "
+              f"({'lr_find' if train.max_lr == 'find' else 'params'}), {runtime.device} {runtime.precision}"
+              + (f", {world.world_size} processes" if world.enabled else ""))
+    logger = (Live(str(paths.TRAIN_LIVE_DIR), dvcyaml=False, save_dvc_exp=False) if world.is_main
+              else contextlib.nullcontext())
+    with logger as live:
         for epoch in range(1, first_epoch):      # a resumed run re-logs the epochs it already has
             _log(live, epoch, {name: values[epoch - 1] for name, values in history.items()})
         epoch = first_epoch
         try:
             for epoch in range(first_epoch, train.epochs + 1):
                 started = time.perf_counter()
-                with tqdm(total=len(loader), desc=f"epoch {epoch}/{train.epochs}", leave=False) as bar:
+                with tqdm(total=len(loader), desc=f"epoch {epoch}/{train.epochs}", leave=False,
+                          disable=not world.is_main) as bar:
                     result = train_one_epoch(model, loader.epoch(epoch), optimizer, scheduler, runtime,
                                              params.optim.label_smoothing, scaler, bar, guard, lrs)
                 seconds = time.perf_counter() - started
-                test = evaluate(model, iterate_batches(dataset.test, params.evaluate.batch_size), runtime)
+                epoch_seconds.append(seconds)
+                images_per_second.append(result["images"] / seconds)
+                if not world.is_main:
+                    continue
+                test = evaluate(net, iterate_batches(dataset.test, params.evaluate.batch_size), runtime)
                 row = {"train/loss": result["loss"], "train/accuracy": result["accuracy"],
                        "test/loss": test["loss"], "test/accuracy": test["accuracy"], "lr": result["last_lr"]}
                 for name in LOGGED:
                     history[name].append(row[name])
-                epoch_seconds.append(seconds)
-                images_per_second.append(result["images"] / seconds)
                 _log(live, epoch, row)
-                _save_state(paths.TRAIN_STATE, fingerprint, epoch, model, optimizer, scheduler, scaler, guard,
+                _save_state(paths.TRAIN_STATE, fingerprint, epoch, net, optimizer, scheduler, scaler, guard,
                             history, lrs, epoch_seconds, images_per_second)
                 print(f"epoch {epoch:3d}  lr {row['lr']:.3e}  train loss {row['train/loss']:.4f} "
                       f"acc {row['train/accuracy']:.4f}  test loss {row['test/loss']:.4f} "
@@ -162,6 +182,8 @@ def fit(params: Params, dataset: Dataset, runtime: Runtime) -> dict:
         except KeyboardInterrupt:
             raise Interrupted(f"interrupted during epoch {epoch}; the state after epoch {epoch - 1} is saved in "
                               f"{paths.TRAIN_STATE}, rerun to resume") from None
+        if not world.is_main:
+            return {"max_lr": max_lr}
         live.summary["max_lr"] = max_lr
         live.summary["epochs"] = train.epochs
 
@@ -170,8 +192,8 @@ def fit(params: Params, dataset: Dataset, runtime: Runtime) -> dict:
     write_json(paths.TRAIN_SPEED, {
         "images_per_second": sum(images_per_second) / len(images_per_second),
         "epoch_seconds_mean": sum(epoch_seconds) / len(epoch_seconds),
-        "epoch_seconds": epoch_seconds, **runtime.describe()})
-    save_checkpoint(paths.CHECKPOINT, model, epoch=train.epochs, max_lr=max_lr, dropout=params.model.dropout,
+        "epoch_seconds": epoch_seconds, "processes": world.world_size, **runtime.describe()})
+    save_checkpoint(paths.CHECKPOINT, net, epoch=train.epochs, max_lr=max_lr, dropout=params.model.dropout,
                     num_classes=len(dataset.classes), classes=list(dataset.classes),
                     data_source=dataset.source, params=params.to_dict())
     return {"max_lr": max_lr}

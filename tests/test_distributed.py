@@ -1,0 +1,77 @@
+"""DDP through torchrun: 2 CPU processes (gloo) against a single-process run of the same global batch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import merge, run, write_params
+from test_train import _params
+
+# BatchNorm statistics are per process on CPU (SyncBatchNorm needs CUDA), so a 2-process run
+# normalises each half-batch on its own: the weights drift slightly from the single-process run.
+RELATIVE_TOLERANCE = 0.15   # measured: 7.6e-2 (a7_net, SGD, 2 epochs of 8 steps)
+RUN = {"model": {"name": "a7_net", "dropout": 0.0}, "optim": {"name": "sgd", "momentum": 0.9},
+       "train": {"epochs": 2, "batch_size": 64, "max_lr": 0.05, "max_at_epoch": 1},
+       "runtime": {"deterministic": True, "precision": "fp32"}}
+
+
+def final(work):
+    weights = torch.load(work / "models/model.pt", weights_only=False)["state_dict"]
+    metrics = json.loads((work / "metrics/train/metrics.json").read_text())
+    return weights, metrics
+
+
+def relative_difference(a: dict, b: dict) -> float:
+    names = [n for n, v in a.items() if v.is_floating_point()]
+    diff = torch.cat([(a[n] - b[n]).flatten() for n in names]).norm()
+    return float(diff / torch.cat([a[n].flatten() for n in names]).norm())
+
+
+@pytest.mark.e2e
+def test_two_process_ddp_matches_single_process(stage_dir, tmp_path):
+    write_params(stage_dir, merge(_params(stage_dir), RUN))
+    ddp = tmp_path / "ddp"
+    shutil.copytree(stage_dir, ddp)
+    write_params(ddp, merge(_params(ddp), {"runtime": {"nproc": 2}}))
+
+    run(["torchrun", "--standalone", "--nproc_per_node=1", "stages/train.py"], stage_dir)
+    result = run(["torchrun", "--standalone", "--nproc_per_node=2", "stages/train.py"], ddp)
+    assert "2 processes" in result.stdout
+    assert result.stdout.count("epoch   2") == 1              # rank 0 alone logs
+
+    single_weights, single_metrics = final(stage_dir)
+    ddp_weights, ddp_metrics = final(ddp)
+    difference = relative_difference(single_weights, ddp_weights)
+    print(f"relative weight difference DDP vs single process: {difference:.2e}")
+    assert difference < RELATIVE_TOLERANCE
+    speed = json.loads((ddp / "metrics/train_speed.json").read_text())
+    assert speed["processes"] == 2
+    # the training metrics are reduced over both processes' shares of every batch
+    assert ddp_metrics["train"]["accuracy"] == pytest.approx(single_metrics["train"]["accuracy"], abs=0.1)
+
+
+@pytest.mark.e2e
+def test_without_batchnorm_ddp_equals_single_process(stage_dir, tmp_path):
+    """Per-process BatchNorm is the only reason the runs differ: without it they agree to float precision."""
+    write_params(stage_dir, merge(_params(stage_dir), merge(RUN, {"train": {"epochs": 1}})))
+    shutil.copy(Path(__file__).with_name("ddp_probe.py"), stage_dir / "probe.py")
+    ddp = tmp_path / "ddp"
+    shutil.copytree(stage_dir, ddp)
+    write_params(ddp, merge(_params(ddp), {"runtime": {"nproc": 2}}))
+    run(["torchrun", "--standalone", "--nproc_per_node=1", "probe.py"], stage_dir)
+    run(["torchrun", "--standalone", "--nproc_per_node=2", "probe.py"], ddp)
+    difference = relative_difference(final(stage_dir)[0], final(ddp)[0])
+    print(f"relative weight difference without BatchNorm: {difference:.2e}")
+    assert difference < 1e-4
+
+
+def test_batch_size_must_divide_among_processes(stage_dir):
+    write_params(stage_dir, merge(_params(stage_dir), merge(RUN, {"train": {"batch_size": 63}})))
+    result = run(["torchrun", "--standalone", "--nproc_per_node=2", "stages/train.py"], stage_dir, check=False)
+    assert result.returncode != 0
+    assert "train.batch_size is 63; allowed: a multiple of the number of processes" in result.stderr
