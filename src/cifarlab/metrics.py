@@ -1,10 +1,14 @@
-"""Classification summaries computed from per-image predictions."""
+"""Classification summaries computed from per-image predictions, and horizontal-flip test-time
+augmentation as a model wrapper (so the one `engine.evaluate` measures it too)."""
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
+import torch
+from torch import nn
 
 
 def confusion_matrix(target: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
@@ -25,3 +29,21 @@ def most_confident_mistakes(target: np.ndarray, predicted: np.ndarray, confidenc
     wrong = np.flatnonzero(np.asarray(target) != np.asarray(predicted))
     order = np.argsort(-np.asarray(confidence)[wrong], kind="stable")
     return wrong[order[:count]]
+
+
+class HorizontalFlipTTA(nn.Module):
+    """`model` averaged over each image and its mirror image (flip of the width axis).
+
+    Returns the log of the mean of the two softmax distributions: valid logits, so cross-entropy,
+    argmax and softmax confidence computed on them by `engine.evaluate` are those of the averaged
+    prediction.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plain = self.model(x).float().log_softmax(1)
+        flipped = self.model(torch.flip(x, dims=(3,))).float().log_softmax(1)
+        return torch.logaddexp(plain, flipped) - math.log(2.0)

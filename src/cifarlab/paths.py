@@ -14,9 +14,12 @@ LR_SCHEDULE = Path("plots/lr_schedule.csv")         # step, lr actually used for
 CHECKPOINT = Path("models/model.pt")
 TRAIN_STATE = Path("models/train_state.pt")         # persisted full state after every epoch, for resume
 
-EVAL_METRICS = Path("metrics/evaluate.json")
+EVAL_METRICS = Path("metrics/evaluate.json")        # test accuracy/loss (+ TTA beside them), per-class accuracy
+EVAL_RUN = Path("metrics/evaluate_run.json")        # evaluate's wall times, runtime, params and gallery sizes
 CONFUSION = Path("plots/confusion.csv")             # actual, predicted per test image
 CONFUSION_FIGURE = Path("plots/confusion.png")
+PER_CLASS_FIGURE = Path("plots/per_class.png")
 MISCLASSIFIED_FIGURE = Path("plots/misclassified.png")
+GRADCAM_FIGURE = Path("plots/gradcam.png")          # Grad-CAM over the most confident mistakes
 
 REPORT_DIR = Path("reports")

@@ -3,18 +3,20 @@ saves it with `cifarlab.atomic.save_figure`."""
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def lr_find_figure(lrs: Sequence[float], losses: Sequence[float], candidates: Mapping[str, float],
-                   chosen: str, loss_minimum: float):
-    """The range-test curve, every rule's candidate marked, the chosen one highlighted."""
+                   chosen: str, loss_minimum: float, trained_lr: Optional[float] = None):
+    """The range-test curve, every rule's candidate marked, the chosen one highlighted; with
+    `trained_lr`, also the max LR training actually used (which params may set by hand)."""
     fig, ax = plt.subplots(figsize=(8, 5))
     ax.plot(lrs, losses, color="tab:blue", label="smoothed training loss")
     colours = dict(zip(candidates, ("tab:green", "tab:orange", "tab:purple", "tab:brown")))
@@ -23,6 +25,9 @@ def lr_find_figure(lrs: Sequence[float], losses: Sequence[float], candidates: Ma
                    linestyle="-" if name == chosen else "--",
                    label=f"{name}: {lr:.2e}" + ("  (chosen max LR)" if name == chosen else ""))
     ax.axvline(loss_minimum, color="tab:red", linestyle=":", label=f"loss minimum: {loss_minimum:.2e} (never used)")
+    if trained_lr is not None:
+        ax.axvline(trained_lr, color="black", linewidth=1.5, linestyle="-.",
+                   label=f"max LR used for training: {trained_lr:.2e}")
     ax.set_xscale("log")
     finite = np.asarray([x for x in losses if np.isfinite(x)])
     if len(finite):
@@ -37,11 +42,16 @@ def lr_find_figure(lrs: Sequence[float], losses: Sequence[float], candidates: Ma
 
 
 def schedule_figure(lrs: Sequence[float], steps_per_epoch: int, max_at_epoch: int):
+    """The LR of every batch, placed at the point of training that batch completes (batch k of
+    epoch e at e - 1 + k / steps_per_epoch), so the peak at the last batch of `max_at_epoch` sits
+    exactly on that epoch's mark."""
     fig, ax = plt.subplots(figsize=(8, 4))
-    epochs = np.arange(len(lrs)) / steps_per_epoch
-    ax.plot(epochs, lrs, color="tab:blue")
+    epochs = (np.arange(len(lrs)) + 1) / steps_per_epoch
+    ax.plot(epochs, lrs, color="tab:blue", marker="." if len(lrs) <= 60 else None, label="LR of the batch")
     ax.axvline(max_at_epoch, color="tab:gray", linestyle="--", label=f"end of epoch {max_at_epoch} (peak)")
-    ax.set_xlabel("epoch")
+    ax.set_xlim(0, len(lrs) / steps_per_epoch)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epochs completed")
     ax.set_ylabel("learning rate")
     ax.set_title(f"OneCycle LR per batch ({len(lrs)} steps, {steps_per_epoch} per epoch)")
     ax.legend(loc="best", fontsize=8)
@@ -50,18 +60,23 @@ def schedule_figure(lrs: Sequence[float], steps_per_epoch: int, max_at_epoch: in
     return fig
 
 
-def curves_figure(history: Mapping[str, Sequence[float]]):
-    """Loss and accuracy per epoch, train and test side by side."""
+def curves_figure(history: Mapping[str, Sequence[float]], target_accuracy: Optional[float] = None):
+    """Loss and accuracy per epoch, train (augmented, while training) and test side by side."""
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    labels = {"train": "train (augmented, during the epoch)", "test": "test (after the epoch)"}
     for split, style in (("train", "-o"), ("test", "-s")):
         epochs = np.arange(1, len(history[f"{split}/loss"]) + 1)
-        loss_ax.plot(epochs, history[f"{split}/loss"], style, markersize=3, label=split)
-        acc_ax.plot(epochs, 100 * np.asarray(history[f"{split}/accuracy"]), style, markersize=3, label=split)
-    loss_ax.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
-    acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
+        loss_ax.plot(epochs, history[f"{split}/loss"], style, markersize=3, label=labels[split])
+        acc_ax.plot(epochs, 100 * np.asarray(history[f"{split}/accuracy"]), style, markersize=3, label=labels[split])
+    if target_accuracy is not None:
+        acc_ax.axhline(100 * target_accuracy, color="tab:red", linestyle="--", linewidth=1,
+                       label=f"target {100 * target_accuracy:.0f}%")
+    loss_ax.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss per epoch")
+    acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy per epoch")
     for ax in (loss_ax, acc_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -76,7 +91,7 @@ def confusion_figure(matrix: np.ndarray, classes: Sequence[str]):
     ax.set_yticks(range(len(classes)), classes)
     for i in range(len(classes)):
         for j in range(len(classes)):
-            ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7,
+            ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=8,
                     color="white" if share[i, j] > 0.5 else "black")
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
@@ -86,18 +101,84 @@ def confusion_figure(matrix: np.ndarray, classes: Sequence[str]):
     return fig
 
 
-def gallery_figure(images: np.ndarray, titles: Sequence[str], title: str, columns: int = 5):
+def _empty_figure(title: str, message: str):
+    fig, ax = plt.subplots(figsize=(7, 1.6))
+    ax.axis("off")
+    ax.text(0.5, 0.45, message, ha="center", va="center", fontsize=11)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def gallery_figure(images: np.ndarray, titles: Sequence[str], title: str, columns: int = 5,
+                   empty_message: str = "none"):
     """A grid of uint8 HWC images with a caption each."""
-    count = max(len(images), 1)
-    rows = -(-count // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.5 * rows), squeeze=False)
+    if len(images) == 0:
+        return _empty_figure(title, empty_message)
+    columns = min(columns, len(images))
+    rows = -(-len(images) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.7 * rows + 0.4), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, caption in zip(axes.flat, images, titles):
         ax.imshow(image, interpolation="nearest")
         ax.set_title(caption, fontsize=8)
-    if len(images) == 0:
-        axes.flat[0].text(0.5, 0.5, "none", ha="center", va="center")
     fig.suptitle(title)
+    return fig
+
+
+def per_class_figure(accuracy: Mapping[str, float], overall: float, title: str):
+    """Horizontal bars of per-class accuracy (%), the overall accuracy as a line."""
+    names = list(accuracy)
+    values = 100 * np.asarray([accuracy[name] for name in names])
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.6))
+    ys = np.arange(len(names))
+    ax.barh(ys, values, height=0.7, color=["tab:red" if v < 100 * overall else "tab:blue" for v in values])
+    for y, value in zip(ys, values):
+        ax.text(value + 1, y, f"{value:.1f}%", va="center", fontsize=8)
+    ax.axvline(100 * overall, color="black", linestyle="--", linewidth=1)
+    ax.text(100 * overall, -0.75, f"overall {100 * overall:.2f}%", ha="center", va="center", fontsize=8,
+            bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
+    ax.set_yticks(ys, names)
+    ax.set_ylim(len(names) - 0.5, -1.1)     # top to bottom in class order, a strip above for the label
+    ax.set_xlim(0, 110)
+    ax.set_xticks(range(0, 101, 20))
+    ax.set_xlabel("test accuracy (%)   red: below the overall accuracy")
+    ax.set_ylabel("true class")
+    ax.set_title(title)
+    ax.grid(True, axis="x", alpha=0.3)
     fig.tight_layout()
+    return fig
+
+
+def gradcam_figure(images: np.ndarray, predicted_cams: np.ndarray, true_cams: np.ndarray,
+                   captions: Sequence[str], predicted_names: Sequence[str], true_names: Sequence[str],
+                   title: str, columns: int = 5, empty_message: str = "none"):
+    """Per image, a column of three: the image, Grad-CAM for the predicted class, Grad-CAM for the
+    true class (heat maps in [0, 1] overlaid on the image). Images wrap into blocks of `columns`."""
+    count = len(images)
+    if count == 0:
+        return _empty_figure(title, empty_message)
+    columns = min(columns, count)
+    blocks = -(-count // columns)
+    fig, axes = plt.subplots(3 * blocks, columns, figsize=(2.2 * columns + 0.8, 7.2 * blocks + 0.4),
+                             squeeze=False, layout="constrained")
+    for ax in axes.flat:
+        ax.axis("off")
+    for i in range(count):
+        block, column = divmod(i, columns)
+        image_ax, pred_ax, true_ax = (axes[3 * block + r, column] for r in range(3))
+        image_ax.imshow(images[i], interpolation="nearest")
+        image_ax.set_title(captions[i], fontsize=8)
+        for ax, cams, label in ((pred_ax, predicted_cams, f"CAM of predicted\n{predicted_names[i]}"),
+                                (true_ax, true_cams, f"CAM of true\n{true_names[i]}")):
+            ax.imshow(images[i], interpolation="nearest")
+            ax.imshow(cams[i], cmap="jet", alpha=0.5, vmin=0, vmax=1, interpolation="bilinear",
+                      extent=(-0.5, images.shape[2] - 0.5, images.shape[1] - 0.5, -0.5))
+            ax.set_title(label, fontsize=8)
+    scale = matplotlib.cm.ScalarMappable(matplotlib.colors.Normalize(0, 1), cmap="jet")
+    fig.colorbar(scale, ax=axes, shrink=min(0.5, 1.5 / blocks),
+                 label="Grad-CAM, overlaid at 50% (1 = most evidence for the class)")
+    fig.suptitle(title)
     return fig

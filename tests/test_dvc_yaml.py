@@ -1,0 +1,87 @@
+"""dvc.yaml declares, for every stage, the library modules its script imports (so a code change
+reruns exactly the stages it can affect) and only params keys that exist."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cifarlab.params import Params, parse_params
+from conftest import REPO
+
+PACKAGE = REPO / "src" / "cifarlab"
+STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+
+
+def module_file(name: str) -> Path | None:
+    parts = name.split(".")
+    if parts[0] != "cifarlab":
+        return None
+    base = PACKAGE.joinpath(*parts[1:])
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+# params.py looks up the model registry only to validate `model.name`; no stage output depends on it.
+VALIDATION_ONLY = {(PACKAGE / "params.py", "cifarlab.models")}
+
+
+def imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return {name for name in names if (path, name) not in VALIDATION_ONLY}
+
+
+def library_files(script: Path) -> set[Path]:
+    """Every cifarlab source file the script imports, transitively."""
+    seen: set[Path] = set()
+    todo = [script]
+    while todo:
+        for name in imported_modules(todo.pop()):
+            found = module_file(name)
+            if found and found not in seen:
+                seen.add(found)
+                todo.append(found)
+    return seen
+
+
+def declared(stage: dict) -> list[Path]:
+    return [REPO / (next(iter(d)) if isinstance(d, dict) else d) for d in stage.get("deps", [])]
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_stage_depends_on_every_module_it_imports(name):
+    stage = STAGES[name]
+    script = REPO / "stages" / f"{name}.py"
+    deps = declared(stage)
+    assert script in deps
+    needed = library_files(script) - {PACKAGE / "__init__.py"}   # the package marker holds only a version
+    missing = sorted(str(f.relative_to(REPO)) for f in needed if not any(f == d or d in f.parents for d in deps))
+    assert missing == [], f"stage {name} imports these but does not list them in deps"
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_stage_params_exist(name, default_params):
+    parse_params(default_params)
+    for key in STAGES[name].get("params", []):
+        section, _, field = key.partition(".")
+        assert section in Params.__dataclass_fields__, key
+        if field:
+            assert field in default_params[section], key
+
+
+def test_changing_train_does_not_touch_download_or_lr_find():
+    for name in ("download", "lr_find"):
+        for key in STAGES[name].get("params", []):
+            assert key == "train.batch_size" or key == "train.seed" or key == "train.div_factor" \
+                or not key.startswith("train"), (name, key)
