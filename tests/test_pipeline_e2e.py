@@ -13,11 +13,31 @@ from conftest import REPO, TINY, merge, run, write_params
 
 pytestmark = pytest.mark.e2e
 
-COPIED = ("dvc.yaml", "params.yaml", "stages", "src", "pyproject.toml", ".dvc/config", ".dvcignore", ".gitignore")
+COPIED = ("dvc.yaml", "params.yaml", "conf", "stages", "src", "pyproject.toml", ".dvc/config", ".dvcignore",
+          ".gitignore")
+OVERRIDE_CONFIG = "test_overrides"   # conf/test_overrides.yaml in the temporary repo
+
+
+def add_overrides_to_conf(work: Path, override: dict) -> None:
+    """Make `dvc exp run`'s Hydra composition keep `override` in the temporary repo.
+
+    With hydra enabled, `dvc exp run` rewrites params.yaml from conf/, so the tiny settings must
+    be in conf/ as well. Merging them into the base (conf/config.yaml) is not enough: the preset
+    is composed after the base and sets train.* itself. So they are a config of their own, listed
+    in conf/config.yaml's defaults after the preset: every composition, whichever preset it
+    picks, keeps them, and `-S` on the command line still wins over them.
+    """
+    config_path = work / "conf" / "config.yaml"
+    config = yaml.safe_load(config_path.read_text())
+    config["defaults"] = [*config["defaults"], OVERRIDE_CONFIG]
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    (work / "conf" / f"{OVERRIDE_CONFIG}.yaml").write_text(
+        "# @package _global_\n" + yaml.safe_dump(override, sort_keys=False))
 
 
 def make_repo(tmp_path: Path, override: dict) -> Path:
-    """A fresh git + DVC repo holding the pipeline, with tiny synthetic params committed."""
+    """A fresh git + DVC repo holding the pipeline, with tiny synthetic params committed (in
+    params.yaml for `dvc repro`, and in conf/ for the composition `dvc exp run` makes)."""
     work = tmp_path / "repo"
     work.mkdir()
     for name in COPIED:
@@ -28,6 +48,7 @@ def make_repo(tmp_path: Path, override: dict) -> Path:
             (work / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, work / name)
     write_params(work, merge(yaml.safe_load((REPO / "params.yaml").read_text()), override))
+    add_overrides_to_conf(work, override)
     run(["git", "init", "-q"], work)
     run(["git", "config", "user.email", "test@example.com"], work)
     run(["git", "config", "user.name", "test"], work)
@@ -113,5 +134,9 @@ def test_exp_run_with_new_max_lr_reruns_only_downstream(pipeline):
 
 def test_report_params_rerun_only_report(pipeline):
     work, _ = pipeline
+    # With Hydra, `-S` changes the composition of conf/, not the workspace's params.yaml: start
+    # from the committed baseline, whatever experiment an earlier test left in the workspace.
+    run(["git", "checkout", "--", "."], work)
+    run(["dvc", "checkout"], work)
     result = run(["dvc", "exp", "run", "-S", "report.target_accuracy=0.5"], work)
     assert ran_stages(result.stdout) == {"report"}

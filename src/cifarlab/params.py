@@ -203,6 +203,8 @@ class TrainParams:
 class EvaluateParams:
     batch_size: int = key(positive_int)
     gallery_size: int = key(non_negative_int)
+    gradcam_size: int = key(non_negative_int)
+    tta_hflip: bool = key(boolean)
 
 
 @dataclass(frozen=True)
@@ -218,9 +220,9 @@ class RuntimeParams:
     precision: str = key(one_of("auto", "fp32", "bf16", "fp16"))
     channels_last: Union[bool, str] = key(auto_or(boolean, "true or false"))
     num_workers: Union[int, str] = key(auto_or(non_negative_int, "a whole number >= 0"))
+    nproc: int = key(positive_int)
     deterministic: bool = key(boolean)
 
-    nproc: int = key(positive_int)
 
 @dataclass(frozen=True)
 class Params:

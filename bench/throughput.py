@@ -1,0 +1,518 @@
+"""Training, data-loading and evaluation throughput of the pipeline, against a seed-style loop.
+
+One run on one machine measures, for the model and batch size in params.yaml (custom_resnet, 512):
+
+  pipeline   the train stage's own path: `select_runtime`, `build_model`, `train_loader` with
+             `build_train_transform`, `train_one_epoch` with the real OneCycle of `cifarlab.schedule`
+  reference  the loop the seed notebooks wrote: a torch Dataset applying an albumentations Compose
+             (Normalize, pad + random crop, flip, cutout, ToTensorV2) per image, DataLoader with
+             num_workers=0, fp32, NCHW, Adam, OneCycleLR stepped per batch, `loss.item()` and a
+             tqdm description every batch; the same network class
+  loader     the pipeline's training loader alone (no model)
+  eval       `engine.evaluate` over the test split
+  compile    (--compile) the pipeline path with the model wrapped in torch.compile
+
+Every path is warmed up for --warmup batches, then timed over --batches batches. Results go to
+stdout as `key: value` lines (documented in bench/README.md); progress bars and notes go to
+stderr; --json writes the same numbers. Nothing is written to the repository.
+
+    python bench/throughput.py --batches 6
+    python bench/throughput.py --data data --batches 20 --json /tmp/bench.json
+    python bench/throughput.py --set runtime.precision=fp32 --set runtime.channels_last=false
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Iterator, Optional
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+import yaml
+from albumentations.pytorch import ToTensorV2
+from tqdm import tqdm
+
+from cifarlab.augment import IMAGE_SIZE, build_train_transform
+from cifarlab.data import CIFAR_MEAN, CIFAR_STD, Dataset, Split, iterate_batches, load_dataset, make_synthetic
+from cifarlab.engine import (DivergenceGuard, Runtime, build_model, cpu_supports_bf16, evaluate, seed_everything,
+                             select_runtime, train_loader, train_one_epoch)
+from cifarlab.models import create_model
+from cifarlab.params import Params, parse_params
+from cifarlab.schedule import build_optimizer, build_scheduler, onecycle_for
+
+REPO = Path(__file__).resolve().parents[1]
+FALLBACK_MAX_LR = 1.7e-3   # used when train.max_lr is `find` and no lr_find result exists; speed ignores it
+
+
+def log(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+# --- params and data ----------------------------------------------------------------------------
+
+def load_bench_params(path: Path, overrides: list[str], batch_size: int) -> Params:
+    """params.yaml with `--set section.key=value` overrides and the benchmark's batch size."""
+    raw = yaml.safe_load(path.read_text())
+    for override in overrides:
+        dotted, sep, value = override.partition("=")
+        if not sep or "." not in dotted:
+            raise SystemExit(f"--set expects section.key=value, got {override!r}")
+        section, name = dotted.split(".", 1)
+        if section not in raw or name not in raw[section]:
+            raise SystemExit(f"--set: params.yaml has no key {dotted}")
+        raw[section][name] = yaml.safe_load(value)
+    raw["train"]["batch_size"] = batch_size
+    # The benchmark sizes its own synthetic set; keep the cross-section size check satisfied.
+    raw["data"]["synthetic_train_size"] = max(raw["data"]["synthetic_train_size"], batch_size)
+    return parse_params(raw)
+
+
+def max_lr_of(params: Params) -> float:
+    if params.train.max_lr != "find":
+        return float(params.train.max_lr)
+    try:
+        return float(json.loads((REPO / "metrics" / "lr_find.json").read_text())["max_lr"])
+    except (OSError, ValueError, KeyError):
+        return FALLBACK_MAX_LR
+
+
+def bench_dataset(data: str, params: Params, train_images: int, eval_images: int) -> Dataset:
+    """The synthetic set sized for the run, or the real data dir (test split cut to eval_images)."""
+    if data == "synthetic":
+        return make_synthetic(train_images, eval_images, params.data.synthetic_seed)
+    dataset = load_dataset(data)
+    if len(dataset.train) < train_images:
+        raise SystemExit(f"{data} has {len(dataset.train)} training images; this run needs {train_images}")
+    test = dataset.test
+    if 0 < eval_images < len(test):
+        test = Split(test.images[:eval_images], test.labels[:eval_images])
+    return replace(dataset, test=test)
+
+
+# --- timing helpers -----------------------------------------------------------------------------
+
+class TimedBatches:
+    """The next `count` batches of `iterator`, recording the seconds spent waiting for each."""
+
+    def __init__(self, iterator: Iterator, count: int):
+        self.iterator, self.count = iterator, count
+        self.wait_seconds = 0.0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self):
+        for _ in range(self.count):
+            started = time.perf_counter()
+            batch = next(self.iterator)
+            self.wait_seconds += time.perf_counter() - started
+            yield batch
+
+
+def cpu_seconds() -> float:
+    """This process's user + system CPU time (all its threads; not DataLoader workers)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def rss_mib(who: int = resource.RUSAGE_SELF) -> float:
+    return resource.getrusage(who).ru_maxrss / 1024.0   # ru_maxrss is KiB on Linux
+
+
+class PathTimer:
+    """Accumulates one training path's timed chunks: wall and CPU seconds, data wait, images."""
+
+    def __init__(self):
+        self.seconds = self.cpu = self.data_wait = 0.0
+        self.images = self.batches = 0
+        self.warmup_seconds = 0.0
+
+    def measure(self, chunk, batches: "TimedBatches"):
+        cpu_started, started = cpu_seconds(), time.perf_counter()
+        images = chunk()
+        self.seconds += time.perf_counter() - started
+        self.cpu += cpu_seconds() - cpu_started
+        self.data_wait += batches.wait_seconds
+        self.images += images
+        self.batches += len(batches)
+
+    def results(self) -> dict:
+        return {"images_per_s": self.images / self.seconds, "step_ms": 1000 * self.seconds / self.batches,
+                "cores_used": self.cpu / self.seconds, "data_wait_share": self.data_wait / self.seconds,
+                "data_wait_ms_per_batch": 1000 * self.data_wait / self.batches,
+                "warmup_seconds": self.warmup_seconds}
+
+
+# --- (a) the pipeline's train path --------------------------------------------------------------
+
+class PipelinePath:
+    """The train stage's path; `run(n)` is one `train_one_epoch` call over the next n batches."""
+
+    def __init__(self, params: Params, runtime: Runtime, dataset: Dataset, total_batches: int,
+                 compile_model: bool = False, label: str = "pipeline"):
+        self.params, self.runtime, self.label = params, runtime, label
+        seed_everything(params.train.seed)
+        loader = train_loader(dataset.train, build_train_transform(params.augment), params.train.batch_size,
+                              params.train.seed, runtime)
+        self.model = build_model(params.model, runtime, len(dataset.classes))
+        self.trained = torch.compile(self.model) if compile_model else self.model
+        max_lr = max_lr_of(params)
+        self.optimizer = build_optimizer(self.trained, params.optim, lr=max_lr / params.train.div_factor)
+        # The real run's OneCycle: epochs x the loader's real length (for synthetic data, the
+        # benchmark's own length), so the timed batches sit at the start of the real schedule.
+        self.scheduler = build_scheduler(self.optimizer, onecycle_for(params.train, len(loader), max_lr),
+                                         params.train.cycle_momentum)
+        self.guard = DivergenceGuard(params.train.diverge_factor, runtime.device)
+        self.lrs: list[float] = []
+        self.iterator = iter(loader.epoch(1))
+        self.timer = PathTimer()
+        self.bar = tqdm(total=total_batches, desc=label, leave=False)
+
+    def _epoch(self, batches: TimedBatches) -> int:
+        result = train_one_epoch(self.trained, batches, self.optimizer, self.scheduler, self.runtime,
+                                 self.params.optim.label_smoothing, None, self.bar, self.guard, self.lrs)
+        return result["images"]
+
+    def warmup(self, count: int) -> None:
+        started = time.perf_counter()
+        self._epoch(TimedBatches(self.iterator, count))
+        self.timer.warmup_seconds = time.perf_counter() - started
+
+    def run(self, count: int) -> None:
+        batches = TimedBatches(self.iterator, count)
+        self.timer.measure(lambda: self._epoch(batches), batches)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.iterator = None   # shuts down loader workers, if any
+
+
+def time_loader(params: Params, runtime: Runtime, dataset: Dataset, warmup: int, batches: int) -> dict:
+    loader = train_loader(dataset.train, build_train_transform(params.augment), params.train.batch_size,
+                          params.train.seed, runtime)
+    iterator = iter(loader.epoch(2))
+    for _ in TimedBatches(iterator, warmup):
+        pass
+    timed = TimedBatches(iterator, batches)
+    images = 0
+    started = time.perf_counter()
+    for images_batch, _ in tqdm(timed, total=batches, desc="loader", leave=False):
+        images += len(images_batch)
+    seconds = time.perf_counter() - started
+    return {"images_per_s": images / seconds, "seconds": seconds}
+
+
+# --- (b) the seed notebooks' loop ---------------------------------------------------------------
+
+class AlbumentationsDataset(torch.utils.data.Dataset):
+    """As the seeds subclass torchvision's CIFAR10: uint8 HWC arrays, a Compose per image."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: A.Compose):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        image = self.transform(image=self.images[index])["image"]
+        return image, int(self.labels[index])
+
+
+def seed_style_transform(params: Params) -> A.Compose:
+    """The seeds' Compose with the same augmentation amounts the pipeline uses."""
+    aug = params.augment
+    size = IMAGE_SIZE + 2 * aug.pad
+    side = (aug.cutout_size, aug.cutout_size)
+    return A.Compose([
+        A.Normalize(mean=CIFAR_MEAN, std=CIFAR_STD),
+        A.PadIfNeeded(size, size, border_mode=cv2.BORDER_REFLECT_101),
+        A.RandomCrop(IMAGE_SIZE, IMAGE_SIZE),
+        A.HorizontalFlip(p=aug.hflip),
+        A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=side, hole_width_range=side,
+                        fill=0, p=aug.cutout_p),          # 0 = the mean colour after Normalize
+        ToTensorV2(),
+    ])
+
+
+class ReferencePath:
+    """The seeds' train loop over one epoch's DataLoader; `run(n)` continues it for n batches."""
+
+    def __init__(self, params: Params, device: torch.device, dataset: Dataset, total_batches: int):
+        torch.manual_seed(params.train.seed)
+        train_set = AlbumentationsDataset(dataset.train.images, dataset.train.labels, seed_style_transform(params))
+        loader = torch.utils.data.DataLoader(train_set, batch_size=params.train.batch_size, shuffle=True,
+                                             num_workers=0)
+        self.device = device
+        self.model = create_model(params.model.name, num_classes=len(dataset.classes),
+                                  dropout=params.model.dropout).to(device)
+        max_lr = max_lr_of(params)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=max_lr / params.train.div_factor,
+                                          weight_decay=params.optim.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            self.optimizer, max_lr=max_lr, epochs=params.train.epochs, steps_per_epoch=len(loader),
+            pct_start=params.train.max_at_epoch / params.train.epochs, div_factor=params.train.div_factor,
+            final_div_factor=params.train.final_div_factor, three_phase=False, anneal_strategy="linear")
+        self.criterion = torch.nn.CrossEntropyLoss()
+        self.train_losses: list[float] = []
+        self.correct = self.processed = self.batch_idx = 0
+        self.iterator = iter(loader)
+        self.timer = PathTimer()
+        self.pbar = tqdm(total=total_batches, leave=False)   # the seeds' `pbar = tqdm(train_loader)`
+
+    def _train(self, batches: TimedBatches) -> int:
+        model, optimizer, pbar = self.model, self.optimizer, self.pbar
+        model.train()
+        images = 0
+        for data, target in batches:
+            data, target = data.to(self.device), target.to(self.device)
+            optimizer.zero_grad()
+            y_pred = model(data)
+            loss = self.criterion(y_pred, target)
+            self.train_losses.append(loss.item())
+            loss.backward()
+            optimizer.step()
+            self.scheduler.step()
+            pred = y_pred.argmax(dim=1, keepdim=True)
+            self.correct += pred.eq(target.view_as(pred)).sum().item()
+            self.processed += len(data)
+            images += len(data)
+            pbar.update(1)
+            pbar.set_description(f"Loss={loss.item()} Batch_id={self.batch_idx} "
+                                 f"Accuracy={100 * self.correct / self.processed:0.2f}")
+            self.batch_idx += 1
+        return images
+
+    def warmup(self, count: int) -> None:
+        started = time.perf_counter()
+        self._train(TimedBatches(self.iterator, count))
+        self.timer.warmup_seconds = time.perf_counter() - started
+
+    def run(self, count: int) -> None:
+        batches = TimedBatches(self.iterator, count)
+        self.timer.measure(lambda: self._train(batches), batches)
+
+    def close(self) -> None:
+        self.pbar.close()
+
+
+# --- eval ---------------------------------------------------------------------------------------
+
+def time_eval(model: torch.nn.Module, test: Split, batch_size: int, runtime: Runtime) -> dict:
+    warm = Split(test.images[:batch_size], test.labels[:batch_size])
+    evaluate(model, iterate_batches(warm, batch_size), runtime)
+    started = time.perf_counter()
+    result = evaluate(model, iterate_batches(test, batch_size), runtime)
+    seconds = time.perf_counter() - started
+    return {"images_per_s": result["count"] / seconds, "seconds": seconds, "images": result["count"]}
+
+
+def failure(err: Exception) -> str:
+    return " ".join(f"{type(err).__name__}: {err}".split())[:200]
+
+
+def run_training_paths(args, params: Params, runtime: Runtime, dataset: Dataset, out: dict) -> dict:
+    """Warm up and time the pipeline, reference and (with --compile) compiled paths.
+
+    Sequentially (default): each path is built, warmed up and timed over all its batches before
+    the next is built, and the pipeline path is one `train_one_epoch` call, exactly as the train
+    stage makes it. With --interleave: all paths are built and warmed up first, then the timed
+    batches alternate one at a time between paths (one `train_one_epoch` call per batch), so a
+    change in background load during the run hits every path alike.
+    """
+    names = ["pipeline"] + ([] if args.skip_reference else ["reference"]) + (["compiled"] if args.compile else [])
+    total = args.warmup + args.batches
+    results: dict = {"compile_status": "ok" if args.compile else "not run (pass --compile)"}
+
+    def build_and_warm(name: str):
+        log(f"building and warming up the {name} path" + (" (compiling)" if name == "compiled" else ""))
+        if name == "reference":
+            path = ReferencePath(params, runtime.device, dataset, total)
+        else:
+            path = PipelinePath(params, runtime, dataset, total, compile_model=name == "compiled", label=name)
+        path.warmup(args.warmup if name != "compiled" else max(args.warmup, 1))
+        if name == "pipeline":
+            results["pipeline_model"] = path.model
+        return path
+
+    def guarded(name: str, action):
+        """Run `action`; a torch.compile failure is recorded as the result, anything else raises."""
+        if name != "compiled":
+            return action()
+        try:
+            return action()
+        except Exception as err:  # noqa: BLE001 - a compile failure is a result to report, not a crash
+            results["compile_status"] = f"failed ({failure(err)})"
+            log(f"torch.compile failed: {failure(err)}")
+            return None
+
+    paths: dict = {}
+    if args.interleave:
+        for name in names:
+            path = guarded(name, lambda: build_and_warm(name))
+            if path is not None:
+                paths[name] = path
+            if name == "pipeline":
+                results["peak_rss_mib_after_pipeline"] = rss_mib()
+        log(f"timing {', '.join(paths)} interleaved, one batch at a time")
+        for _ in range(args.batches):
+            for name in list(paths):
+                if guarded(name, lambda: paths[name].run(1) or True) is None:
+                    paths.pop(name).close()
+    else:
+        for name in names:
+            path = guarded(name, lambda: build_and_warm(name))
+            if path is None:
+                continue
+            log(f"timing the {name} path")
+            if guarded(name, lambda: path.run(args.batches) or True) is not None:
+                results[name] = path.timer.results()
+            path.close()
+            if name == "pipeline":
+                results["peak_rss_mib_after_pipeline"] = rss_mib()
+            del path   # free its model and optimizer before the next path, as separate runs would
+    for name, path in paths.items():
+        path.close()
+        results[name] = path.timer.results()
+    return results
+
+
+# --- main ---------------------------------------------------------------------------------------
+
+def describe_cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def format_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1000 else f"{value:.1f}"
+    return str(value)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Output: `key: value` lines on stdout, one per metric (see bench/README.md).")
+    parser.add_argument("--batches", type=int, default=6, help="timed batches per training path (default 6)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed batches before each timed path (default 2)")
+    parser.add_argument("--batch-size", type=int, default=512, help="images per training batch (default 512)")
+    parser.add_argument("--data", default="synthetic",
+                        help="`synthetic` (default: make_synthetic sized for warmup+batches) or a data dir "
+                             "holding train.npz/test.npz/meta.json as the download stage writes it")
+    parser.add_argument("--eval-images", type=int, default=2000,
+                        help="test images for the eval measurement (default 2000; 0 = the whole test split "
+                             "of --data; synthetic needs a positive number)")
+    parser.add_argument("--params", type=Path, default=REPO / "params.yaml", help="params file (default: the repo's)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a params key for this run, e.g. --set runtime.precision=fp32 (repeatable)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads for the whole run (default: torch's choice)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the pipeline path with the model wrapped in torch.compile")
+    parser.add_argument("--interleave", action="store_true",
+                        help="warm up all training paths first, then alternate their timed batches one at a time "
+                             "(robust to changing background load; default: time each path in turn)")
+    parser.add_argument("--skip-reference", action="store_true", help="do not time the seed-style loop")
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
+    args = parser.parse_args(argv)
+    if args.batches < 1 or args.warmup < 0 or args.batch_size < 1:
+        parser.error("--batches and --batch-size must be >= 1, --warmup >= 0")
+    if args.data == "synthetic" and args.eval_images < 1:
+        parser.error("--eval-images must be >= 1 with synthetic data")
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cv2.setNumThreads(0)   # as the seeds do; the pipeline's albumentations work on single images anyway
+    wall_started = time.perf_counter()
+    load_start = os.getloadavg()[0]
+    params = load_bench_params(args.params, args.overrides, args.batch_size)
+    runtime = select_runtime(params.runtime)
+    needed = (args.warmup + args.batches) * args.batch_size
+    dataset = bench_dataset(args.data, params, needed, args.eval_images)
+
+    out: dict = {
+        "model": params.model.name, "batch_size": args.batch_size, "timed_batches": args.batches,
+        "warmup_batches": args.warmup, "data": dataset.source if args.data == "synthetic" else str(args.data),
+        "overrides": " ".join(args.overrides) or "none", "interleave": args.interleave,
+        "device": str(runtime.device), "precision": runtime.precision, "channels_last": runtime.channels_last,
+        "num_workers": runtime.num_workers, "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(), "cpu_count": os.cpu_count(),
+        "cpu": describe_cpu(), "cpu_bf16": cpu_supports_bf16(), "torch": torch.__version__,
+        "max_lr": max_lr_of(params),
+    }
+    log(f"{params.model.name} batch {args.batch_size}: {args.warmup} warmup + {args.batches} timed batches per path, "
+        f"{runtime.device} {runtime.precision} channels_last={runtime.channels_last} workers={runtime.num_workers} "
+        f"threads={torch.get_num_threads()}")
+
+    log("timing the pipeline's loader alone")
+    loader = time_loader(params, runtime, dataset, args.warmup, args.batches)
+    out["loader_images_per_s"] = loader["images_per_s"]
+
+    timed = run_training_paths(args, params, runtime, dataset, out)
+    pipeline = timed["pipeline"]
+    out["pipeline_train_images_per_s"] = pipeline["images_per_s"]
+    out["pipeline_step_ms"] = pipeline["step_ms"]
+    out["pipeline_data_wait_share"] = pipeline["data_wait_share"]
+    out["pipeline_data_wait_ms_per_batch"] = pipeline["data_wait_ms_per_batch"]
+    out["pipeline_cores_used"] = pipeline["cores_used"]
+    out["peak_rss_mib_after_pipeline"] = timed["peak_rss_mib_after_pipeline"]
+    if "reference" in timed:
+        reference = timed["reference"]
+        out["reference_train_images_per_s"] = reference["images_per_s"]
+        out["reference_step_ms"] = reference["step_ms"]
+        out["reference_data_wait_share"] = reference["data_wait_share"]
+        out["reference_cores_used"] = reference["cores_used"]
+        out["ratio_pipeline_over_reference"] = pipeline["images_per_s"] / reference["images_per_s"]
+    else:
+        out["reference_train_images_per_s"] = "skipped"
+        out["ratio_pipeline_over_reference"] = "skipped"
+
+    log("timing engine.evaluate on the test split")
+    evaluation = time_eval(timed["pipeline_model"], dataset.test, params.evaluate.batch_size, runtime)
+    out["eval_images_per_s"] = evaluation["images_per_s"]
+    out["eval_images"] = evaluation["images"]
+
+    out["compile_status"] = timed["compile_status"]
+    if "compiled" in timed:
+        compiled = timed["compiled"]
+        out["compile_warmup_seconds"] = compiled["warmup_seconds"]
+        out["compile_train_images_per_s"] = compiled["images_per_s"]
+        out["compile_speedup"] = compiled["images_per_s"] / pipeline["images_per_s"]
+        out["compile_data_wait_share"] = compiled["data_wait_share"]
+        out["compile_cores_used"] = compiled["cores_used"]
+        out["compile_helps"] = out["compile_speedup"] > 1.05
+
+    out["peak_rss_mib"] = rss_mib()
+    out["peak_rss_children_mib"] = rss_mib(resource.RUSAGE_CHILDREN)
+    out["cuda_max_memory_allocated_mib"] = (torch.cuda.max_memory_allocated() / 2**20
+                                            if runtime.device.type == "cuda" else "n/a")
+    out["loadavg_1min_start"] = load_start
+    out["loadavg_1min_end"] = os.getloadavg()[0]
+    out["wall_seconds"] = time.perf_counter() - wall_started
+
+    for name, value in out.items():
+        print(f"{name}: {format_value(value)}")
+    if args.json is not None:
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
