@@ -1,5 +1,7 @@
 """download stage: fetch and verify CIFAR-10 (or generate the synthetic set) into data/."""
 
+import _src  # noqa: F401  (this checkout's src/ first: see stages/_src.py)
+
 import tempfile
 from pathlib import Path
 

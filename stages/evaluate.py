@@ -5,6 +5,8 @@ the same model averaged over each image and its mirror image, reported under its
 the plain figures, never instead of them. Grad-CAM runs on an fp32 CPU copy of the model.
 """
 
+import _src  # noqa: F401  (this checkout's src/ first: see stages/_src.py)
+
 import time
 
 from cifarlab import paths

@@ -1,5 +1,7 @@
 """lr_find stage: LR range test with the training model, optimizer, batch size and augmentation."""
 
+import _src  # noqa: F401  (this checkout's src/ first: see stages/_src.py)
+
 from cifarlab import paths
 from cifarlab.atomic import atomic_path, save_figure, write_json
 from cifarlab.augment import build_train_transform

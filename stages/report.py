@@ -1,5 +1,7 @@
 """report stage: reports/report.md from the other stages' outputs only."""
 
+import _src  # noqa: F401  (this checkout's src/ first: see stages/_src.py)
+
 from cifarlab.errors import run_stage
 from cifarlab.params import load_params
 from cifarlab.report import build_report

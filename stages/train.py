@@ -1,5 +1,7 @@
 """train stage: OneCycle training of the configured model; writes the checkpoint and curves."""
 
+import _src  # noqa: F401  (this checkout's src/ first: see stages/_src.py)
+
 from cifarlab import paths
 from cifarlab.data import load_dataset
 from cifarlab.distributed import init_distributed, shutdown

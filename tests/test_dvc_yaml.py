@@ -85,3 +85,31 @@ def test_changing_train_does_not_touch_download_or_lr_find():
         for key in STAGES[name].get("params", []):
             assert key == "train.batch_size" or key == "train.seed" or key == "train.div_factor" \
                 or not key.startswith("train"), (name, key)
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_stage_runs_its_own_checkouts_code(name):
+    """Each script imports stages/_src.py before any cifarlab module and depends on it, so a stage
+    run in another copy of the repo (a queued experiment, a second clone) uses that copy's src/."""
+    script = REPO / "stages" / f"{name}.py"
+    imports = [node for node in ast.parse(script.read_text()).body if isinstance(node, (ast.Import, ast.ImportFrom))]
+    assert isinstance(imports[0], ast.Import) and imports[0].names[0].name == "_src", name
+    assert REPO / "stages" / "_src.py" in declared(STAGES[name])
+
+
+def test_a_copy_of_the_repo_imports_its_own_src(tmp_path, tiny_params):
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import tool_env, write_params
+
+    shutil.copytree(REPO / "stages", tmp_path / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "src", tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    with open(tmp_path / "src" / "cifarlab" / "__init__.py", "a") as init:
+        init.write("\nprint('cifarlab imported from', __file__)\n")
+    write_params(tmp_path, tiny_params)
+    result = subprocess.run([sys.executable, "stages/download.py"], cwd=tmp_path, env=tool_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"cifarlab imported from {tmp_path / 'src' / 'cifarlab' / '__init__.py'}" in result.stdout

@@ -27,8 +27,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         state = torch.load(path, map_location=map_location, weights_only=False)
         arch, weights = state["arch"], state["state_dict"]
     except Exception as err:  # torch raises many types for a damaged file
-        raise CifarlabError(f"checkpoint {path} is unreadable (truncated or not a checkpoint): "
-                            f"{str(err).splitlines()[0][:200]}") from None
+        first = str(err).splitlines()[0].split(". ")[0]   # torch's first sentence; the rest is boilerplate
+        raise CifarlabError(f"checkpoint {path} is unreadable (truncated or not a checkpoint): {first[:200]}") from None
     try:
         model = Classifier(arch, dropout=state.get("dropout", 0.0), num_classes=state.get("num_classes", 10))
     except KeyError as err:
@@ -36,6 +36,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:
-        raise CifarlabError(f"checkpoint {path} does not fit architecture `{arch}`: "
-                            f"{str(err).splitlines()[0][:200]}") from None
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0]   # lines[0] is only "Error(s) in loading state_dict ..."
+        raise CifarlabError(f"checkpoint {path} does not fit architecture `{arch}` (weights of another model?): "
+                            f"{detail[:200]}") from None
     return model, state

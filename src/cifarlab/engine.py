@@ -29,6 +29,7 @@ class Runtime:
     precision: str               # fp32 | bf16 | fp16: the autocast dtype of forward passes
     channels_last: bool
     num_workers: int
+    compile: bool = False        # torch.compile the training step (runtime.compile)
 
     @property
     def autocast_dtype(self) -> Optional[torch.dtype]:
@@ -45,7 +46,7 @@ class Runtime:
     def describe(self) -> dict:
         return {"device": str(self.device), "precision": self.precision,
                 "channels_last": self.channels_last, "num_workers": self.num_workers,
-                "threads": torch.get_num_threads()}
+                "compile": self.compile, "threads": torch.get_num_threads()}
 
 
 def cpu_supports_bf16() -> bool:
@@ -77,7 +78,7 @@ def select_runtime(params: RuntimeParams) -> Runtime:
         num_workers = 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
     else:
         num_workers = params.num_workers
-    return Runtime(device, precision, channels_last, num_workers)
+    return Runtime(device, precision, channels_last, num_workers, params.compile)
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:

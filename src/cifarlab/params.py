@@ -222,6 +222,7 @@ class RuntimeParams:
     num_workers: Union[int, str] = key(auto_or(non_negative_int, "a whole number >= 0"))
     nproc: int = key(positive_int)
     deterministic: bool = key(boolean)
+    compile: bool = key(boolean)
 
 
 @dataclass(frozen=True)

@@ -117,6 +117,8 @@ def fit(params: Params, dataset: Dataset, runtime: Runtime, world: Distributed =
         model = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[world.local_rank] if runtime.device.type == "cuda" else None)
     optimizer = build_optimizer(model, params.optim, lr=max_lr / train.div_factor)
+    # The compiled module shares `net`'s parameters: evaluation, state and checkpoint use `net` itself.
+    trained = torch.compile(model) if runtime.compile else model
     cycle = onecycle_for(train, len(loader), max_lr)
     scheduler = build_scheduler(optimizer, cycle, train.cycle_momentum)
     scaler = torch.amp.GradScaler("cuda") if runtime.needs_grad_scaler() else None
@@ -157,7 +159,7 @@ def fit(params: Params, dataset: Dataset, runtime: Runtime, world: Distributed =
                 started = time.perf_counter()
                 with tqdm(total=len(loader), desc=f"epoch {epoch}/{train.epochs}", leave=False,
                           disable=not world.is_main) as bar:
-                    result = train_one_epoch(model, loader.epoch(epoch), optimizer, scheduler, runtime,
+                    result = train_one_epoch(trained, loader.epoch(epoch), optimizer, scheduler, runtime,
                                              params.optim.label_smoothing, scaler, bar, guard, lrs)
                 seconds = time.perf_counter() - started
                 epoch_seconds.append(seconds)

@@ -1,0 +1,102 @@
+"""End to end: parallel experiments through DVC's queue, and shared storage through a DVC remote."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import run
+from test_pipeline_e2e import make_repo, ran_stages
+
+pytestmark = pytest.mark.e2e
+
+# The plumbing, not the learning: as small as every stage allows (lr_find needs 20 iterations).
+TINY_RUN = {
+    "data": {"source": "synthetic", "synthetic_train_size": 128, "synthetic_test_size": 50},
+    "lr_find": {"num_iter": 20, "end_lr": 1.0},
+    "train": {"epochs": 1, "batch_size": 32, "max_at_epoch": 1, "max_lr": 0.003},
+    "evaluate": {"batch_size": 50, "gallery_size": 4, "gradcam_size": 2},
+}
+QUEUED_LRS = (0.001, 0.01)
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    """A tiny repo whose pipeline has run once and is committed (dvc.lock + DVC cache)."""
+    work = make_repo(tmp_path_factory.mktemp("scale"), TINY_RUN)
+    run(["dvc", "repro"], work)
+    run(["git", "add", "-A"], work)
+    run(["git", "commit", "-qm", "baseline run"], work)
+    return work
+
+
+def queue_tasks(work: Path) -> list[list[str]]:
+    """`dvc queue status` -> rows of [task, (name,) created, status]."""
+    lines = run(["dvc", "queue", "status"], work).stdout.splitlines()
+    return [line.split() for line in lines[1:] if line.strip() and not line.startswith("Worker status")]
+
+
+def wait_for_queue(work: Path, timeout: float) -> list[list[str]]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        tasks = queue_tasks(work)
+        if tasks and all(row[-1] in ("Success", "Failed") for row in tasks):
+            return tasks
+        time.sleep(3)
+    raise AssertionError(f"queue not finished after {timeout:.0f} s:\n{run(['dvc', 'queue', 'status'], work).stdout}")
+
+
+def test_queued_experiments_run_in_parallel_and_show_up(baseline, monkeypatch):
+    work = baseline
+    # Two experiments at once on a 2-core machine: one compute thread each (the workers inherit it).
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    for lr in QUEUED_LRS:
+        run(["dvc", "exp", "run", "--queue", "-n", f"lr-{lr}", "-S", f"train.max_lr={lr}"], work)
+    started = time.monotonic()
+    run(["dvc", "queue", "start", "--jobs", "2"], work)
+    try:
+        tasks = wait_for_queue(work, timeout=600)
+    finally:
+        run(["dvc", "queue", "stop"], work, check=False)
+    print(f"queue of {len(QUEUED_LRS)} experiments, 2 jobs: {time.monotonic() - started:.1f} s")
+    failed = [row for row in tasks if row[-1] != "Success"]
+    logs = {row[0]: run(["dvc", "queue", "logs", row[0]], work, check=False).stdout for row in tasks}
+    assert failed == [], "\n".join(logs[row[0]][-3000:] for row in failed)
+
+    for log in logs.values():
+        # The data came from the DVC cache (dvc.lock pins it): the queued copies did not re-download.
+        assert "Stage 'download' didn't change, skipping" in log
+        assert {"train", "evaluate", "report"} <= ran_stages(log)
+
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], work).stdout)
+    rows = {rev.get("name"): rev["data"] for base in shown for exp in base.get("experiments") or []
+            for rev in exp.get("revs", [])}
+    for lr in QUEUED_LRS:
+        data = rows[f"lr-{lr}"]
+        assert data["params"]["params.yaml"]["data"]["train"]["max_lr"] == lr
+        evaluation = data["metrics"]["metrics/evaluate.json"]["data"]
+        assert evaluation["test_images"] == TINY_RUN["data"]["synthetic_test_size"]
+        speed = data["metrics"]["metrics/train_speed.json"]["data"]
+        assert speed["images_per_second"] > 0
+
+
+def test_remote_push_then_a_fresh_clone_pulls_and_has_nothing_to_run(baseline, tmp_path):
+    work = baseline
+    storage = tmp_path / "storage"
+    run(["dvc", "remote", "add", "--default", "shared", str(storage)], work)
+    run(["git", "commit", "-qam", "shared storage"], work)
+    run(["dvc", "push"], work)
+    assert any(p.is_file() for p in storage.rglob("*"))
+
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(work), str(clone)], tmp_path)
+    assert not (clone / "models" / "model.pt").exists()
+    run(["dvc", "pull"], clone)
+    assert (clone / "models" / "model.pt").read_bytes() == (work / "models" / "model.pt").read_bytes()
+    assert (clone / "data").is_dir()
+    result = run(["dvc", "repro"], clone)
+    assert ran_stages(result.stdout) == set(), result.stdout
+    assert "Data and pipelines are up to date" in run(["dvc", "status"], clone).stdout
