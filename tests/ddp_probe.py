@@ -5,6 +5,7 @@ process on CPU, a DDP run must reproduce the single-process run up to float summ
 """
 
 import runpy
+import sys
 
 from torch import nn
 
@@ -15,4 +16,5 @@ class NoNorm(nn.Identity):
 
 
 nn.BatchNorm2d = NoNorm
+sys.path.insert(0, "stages")      # as `python stages/train.py` would: the stage imports stages/_src.py
 runpy.run_path("stages/train.py", run_name="__main__")

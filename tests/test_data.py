@@ -124,7 +124,8 @@ def _stage_dir(tmp_path: Path, params: dict) -> Path:
     work = tmp_path / "work"
     work.mkdir()
     (work / "stages").mkdir()
-    (work / "stages" / "download.py").write_text((REPO / "stages" / "download.py").read_text())
+    for script in ("download.py", "_src.py"):
+        (work / "stages" / script).write_text((REPO / "stages" / script).read_text())
     write_params(work, params)
     return work
 

@@ -67,6 +67,39 @@ def compose(overrides: list[str] = ()) -> dict:
     return yaml.safe_load(compose_text(overrides))
 
 
+def key_comments(config: Path = CONF / "config.yaml") -> dict[tuple[str, str], str]:
+    """(section, key) -> the inline comment that explains the key in conf/config.yaml."""
+    comments, section = {}, None
+    for line in config.read_text().splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if not line.startswith(" "):
+            section = line.split(":")[0]
+        elif "#" in line and ":" in line:
+            key = line.split(":")[0].strip().lstrip("- ")
+            comments[(section, key)] = line.split("#", 1)[1].strip()
+    return comments
+
+
+def annotate(composed: str) -> str:
+    """The composed params with each key's comment from conf/config.yaml after its value, so the
+    committed params.yaml reads on its own. `dvc exp run` rewrites the file without them."""
+    comments, section, out = key_comments(), None, []
+    for line in composed.splitlines():
+        if line and not line.startswith(" "):
+            section = line.split(":")[0]
+        elif line.strip() and (section, line.split(":")[0].strip()) in comments:
+            line = f"{line:<30} # {comments[(section, line.split(':')[0].strip())]}"
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def uncommented(text: str) -> str:
+    """params.yaml's text without its header and the key comments `annotate` added."""
+    lines = body(text).splitlines()
+    return "".join(line.split(" # ", 1)[0].rstrip() + "\n" for line in lines)
+
+
 def body(text: str) -> str:
     """`text` without its leading comment header."""
     lines = text.splitlines(keepends=True)
@@ -153,8 +186,15 @@ def test_default_composition_is_the_committed_params_yaml():
     committed = (REPO / "params.yaml").read_text()
     assert yaml.safe_load(committed) == yaml.safe_load(composed), \
         "params.yaml differs from the composition of conf/: edit conf/, then run `python tests/test_presets.py`"
-    assert body(committed) == composed, "params.yaml is not the composition's text: run `python tests/test_presets.py`"
+    assert uncommented(committed) == composed, \
+        "params.yaml is not the composition's text: run `python tests/test_presets.py`"
     assert committed.startswith(PARAMS_HEADER)
+
+
+def test_every_key_in_params_yaml_is_commented():
+    missing = [line for line in body((REPO / "params.yaml").read_text()).splitlines()
+               if line.startswith(" ") and " # " not in line]
+    assert missing == [], "keys without a comment in conf/config.yaml"
 
 
 # --- end to end: two presets as named experiments, compared, tagged ------------------------------
@@ -221,8 +261,8 @@ def test_presets_run_as_named_experiments_and_compare(tmp_path, monkeypatch):
 
 
 def write_params_yaml() -> None:
-    """Rewrite params.yaml as the header + the default composition of conf/."""
-    (REPO / "params.yaml").write_text(PARAMS_HEADER + "\n" + compose_text())
+    """Rewrite params.yaml as the header + the default composition of conf/, keys commented."""
+    (REPO / "params.yaml").write_text(PARAMS_HEADER + "\n" + annotate(compose_text()))
 
 
 if __name__ == "__main__":
