@@ -155,7 +155,26 @@ class PathTimer:
 
 # --- (a) the pipeline's train path --------------------------------------------------------------
 
-class PipelinePath:
+class TimedPath:
+    """A training path: `_train` runs the given batches; warmup is untimed, `run` is measured."""
+
+    iterator: Iterator
+    timer: PathTimer
+
+    def _train(self, batches: TimedBatches) -> int:
+        raise NotImplementedError
+
+    def warmup(self, count: int) -> None:
+        started = time.perf_counter()
+        self._train(TimedBatches(self.iterator, count))
+        self.timer.warmup_seconds = time.perf_counter() - started
+
+    def run(self, count: int) -> None:
+        batches = TimedBatches(self.iterator, count)
+        self.timer.measure(lambda: self._train(batches), batches)
+
+
+class PipelinePath(TimedPath):
     """The train stage's path; `run(n)` is one `train_one_epoch` call over the next n batches."""
 
     def __init__(self, params: Params, runtime: Runtime, dataset: Dataset, total_batches: int,
@@ -178,19 +197,10 @@ class PipelinePath:
         self.timer = PathTimer()
         self.bar = tqdm(total=total_batches, desc=label, leave=False)
 
-    def _epoch(self, batches: TimedBatches) -> int:
+    def _train(self, batches: TimedBatches) -> int:
         result = train_one_epoch(self.trained, batches, self.optimizer, self.scheduler, self.runtime,
                                  self.params.optim.label_smoothing, None, self.bar, self.guard, self.lrs)
         return result["images"]
-
-    def warmup(self, count: int) -> None:
-        started = time.perf_counter()
-        self._epoch(TimedBatches(self.iterator, count))
-        self.timer.warmup_seconds = time.perf_counter() - started
-
-    def run(self, count: int) -> None:
-        batches = TimedBatches(self.iterator, count)
-        self.timer.measure(lambda: self._epoch(batches), batches)
 
     def close(self) -> None:
         self.bar.close()
@@ -244,7 +254,7 @@ def seed_style_transform(params: Params) -> A.Compose:
     ])
 
 
-class ReferencePath:
+class ReferencePath(TimedPath):
     """The seeds' train loop over one epoch's DataLoader; `run(n)` continues it for n batches."""
 
     def __init__(self, params: Params, device: torch.device, dataset: Dataset, total_batches: int):
@@ -291,15 +301,6 @@ class ReferencePath:
                                  f"Accuracy={100 * self.correct / self.processed:0.2f}")
             self.batch_idx += 1
         return images
-
-    def warmup(self, count: int) -> None:
-        started = time.perf_counter()
-        self._train(TimedBatches(self.iterator, count))
-        self.timer.warmup_seconds = time.perf_counter() - started
-
-    def run(self, count: int) -> None:
-        batches = TimedBatches(self.iterator, count)
-        self.timer.measure(lambda: self._train(batches), batches)
 
     def close(self) -> None:
         self.pbar.close()
