@@ -75,3 +75,25 @@ def stage_dir(tmp_path, tiny_params):
     save_dataset(make_synthetic(data["synthetic_train_size"], data["synthetic_test_size"], data["synthetic_seed"]),
                  work / "data")
     return work
+
+
+# The tiny run's evaluate settings: sizes that differ from the defaults and from each other, so
+# the outputs must follow params; TTA on, so its figures appear beside the plain ones.
+TINY_RUN_EVALUATE = {"gallery_size": 6, "gradcam_size": 4, "tta_hflip": True}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """The five stage scripts run once, in order, on the tiny synthetic set, as `dvc repro` would
+    run them. Shared by the evaluate and report tests, which only read it (copy it to change it)."""
+    import shutil
+
+    work = tmp_path_factory.mktemp("tiny_run") / "work"
+    (work / "stages").mkdir(parents=True)
+    for script in (REPO / "stages").glob("*.py"):
+        shutil.copy2(script, work / "stages" / script.name)
+    write_params(work, merge(yaml.safe_load((REPO / "params.yaml").read_text()),
+                             merge(TINY, {"evaluate": TINY_RUN_EVALUATE})))
+    for stage in ("download", "lr_find", "train", "evaluate", "report"):
+        run(["python", f"stages/{stage}.py"], work)
+    return work

@@ -18,20 +18,10 @@ from cifarlab.engine import Classifier
 from cifarlab.gradcam import cam_layer_name, grad_cam
 from cifarlab.metrics import HorizontalFlipTTA
 from cifarlab.models import model_names, model_spec
-from conftest import REPO, TINY, merge, run, write_params
+from conftest import TINY, TINY_RUN_EVALUATE, merge, run, write_params
 
-# Sizes that differ from the defaults and from each other, so the outputs must follow params.
-EVALUATE = {"gallery_size": 6, "gradcam_size": 4, "tta_hflip": True}
+EVALUATE = TINY_RUN_EVALUATE   # gallery 6, Grad-CAM 4, TTA on: the shared tiny run's settings
 FIGURES = ("plots/confusion.png", "plots/per_class.png", "plots/misclassified.png", "plots/gradcam.png")
-
-
-def make_work(root: Path, override: dict) -> Path:
-    work = root / "work"
-    (work / "stages").mkdir(parents=True)
-    for script in (REPO / "stages").glob("*.py"):
-        shutil.copy2(script, work / "stages" / script.name)
-    write_params(work, merge(yaml.safe_load((REPO / "params.yaml").read_text()), override))
-    return work
 
 
 def read_json(path: Path) -> dict:
@@ -39,12 +29,9 @@ def read_json(path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    """download -> train -> evaluate on the tiny synthetic set (train.max_lr is a number: no lr_find)."""
-    work = make_work(tmp_path_factory.mktemp("evaluate"), merge(TINY, {"evaluate": EVALUATE}))
-    for stage in ("download", "train", "evaluate"):
-        run(["python", f"stages/{stage}.py"], work)
-    return work
+def tiny(tiny_run) -> Path:
+    """download -> lr_find -> train -> evaluate (-> report) on the tiny synthetic set (conftest.tiny_run)."""
+    return tiny_run
 
 
 @pytest.fixture(scope="module")

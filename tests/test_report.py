@@ -15,23 +15,13 @@ import yaml
 
 from cifarlab import paths
 from cifarlab.report import COPIED_FIGURES, SECTIONS, pct
-from conftest import REPO, TINY, merge, run, write_params
-
-STAGES = ("download", "lr_find", "train", "evaluate", "report")
-OVERRIDE = merge(TINY, {"evaluate": {"tta_hflip": True, "gradcam_size": 3}})
+from conftest import REPO, TINY, run
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    """The five stage scripts run in order on the tiny synthetic set, as `dvc repro` would run them."""
-    work = tmp_path_factory.mktemp("report") / "work"
-    (work / "stages").mkdir(parents=True)
-    for script in (REPO / "stages").glob("*.py"):
-        shutil.copy2(script, work / "stages" / script.name)
-    write_params(work, merge(yaml.safe_load((REPO / "params.yaml").read_text()), OVERRIDE))
-    for stage in STAGES:
-        run(["python", f"stages/{stage}.py"], work)
-    return work
+def tiny(tiny_run) -> Path:
+    """The five stages run on the tiny synthetic set (conftest.tiny_run), TTA on."""
+    return tiny_run
 
 
 @pytest.fixture(scope="module")
