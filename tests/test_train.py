@@ -226,3 +226,27 @@ def test_runtime_compile_trains_through_torch_compile(stage_dir, tiny_params, mo
     fit(params, load_dataset(Path("data")), select_runtime(params.runtime))
     assert len(compiled) == int(compile_)
     assert json.loads(Path("metrics/train_speed.json").read_text())["compile"] is compile_
+
+
+def test_a_failing_torch_compile_is_one_clear_line(stage_dir, tiny_params, monkeypatch):
+    """A machine where inductor cannot compile (no C++ compiler, say) gets a one-line error naming
+    runtime.compile, not a compiler traceback."""
+    import torch._dynamo.exc
+
+    from cifarlab.data import load_dataset
+    from cifarlab.engine import select_runtime
+    from cifarlab.errors import CifarlabError
+    from cifarlab.params import parse_params
+    from cifarlab.trainer import fit
+
+    class Uncompilable(torch.nn.Module):
+        def forward(self, *args):
+            raise torch._dynamo.exc.TorchDynamoException("C++ compile error: no compiler found")
+
+    monkeypatch.setattr(torch, "compile", lambda model, *args, **kwargs: Uncompilable())
+    monkeypatch.chdir(stage_dir)
+    params = parse_params(merge(tiny_params, merge(FAST, {"runtime": {"compile": True}})))
+    with pytest.raises(CifarlabError) as err:
+        fit(params, load_dataset(Path("data")), select_runtime(params.runtime))
+    assert str(err.value) == ("runtime.compile is true but torch.compile failed in epoch 1: C++ compile error: "
+                              "no compiler found; set runtime.compile: false")

@@ -184,6 +184,11 @@ def fit(params: Params, dataset: Dataset, runtime: Runtime, world: Distributed =
         except KeyboardInterrupt:
             raise Interrupted(f"interrupted during epoch {epoch}; the state after epoch {epoch - 1} is saved in "
                               f"{paths.TRAIN_STATE}, rerun to resume") from None
+        except torch._dynamo.exc.TorchDynamoException as err:
+            # Only runtime.compile gets here (e.g. no C++ compiler for inductor on this machine).
+            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise CifarlabError(f"runtime.compile is true but torch.compile failed in epoch {epoch}: {first}; "
+                                f"set runtime.compile: false") from None
         if not world.is_main:
             return {"max_lr": max_lr}
         live.summary["max_lr"] = max_lr
