@@ -6,19 +6,20 @@ conf/preset/assignment7.yaml into params.yaml. These tests compose exactly as DV
 its seed write-up, check the default composition is the committed params.yaml, and run two
 presets end to end as named experiments in a temporary repo.
 
-Regenerate params.yaml after editing conf/:  python tests/test_presets.py
+Regenerate params.yaml after editing conf/:  python -m cifarlab.compose
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
-import tempfile
-from pathlib import Path
 
 import pytest
 import yaml
 
+from cifarlab import compose as composition
+from cifarlab.compose import PARAMS_HEADER, body, params_text, uncommented
 from conftest import REPO, run
 
 CONF = REPO / "conf"
@@ -43,69 +44,13 @@ RECIPE = {
     "report": ["preset", "target_accuracy", "title"],
 }
 
-PARAMS_HEADER = """\
-# GENERATED from conf/. Every key, with its units and meaning, is in conf/config.yaml; each
-# assignment's recipe is a preset in conf/preset/. This file is the composition of
-# conf/config.yaml with the default preset (assignment10), and it is what `dvc repro` runs.
-# `dvc exp run` rewrites it from conf/ (this header too), e.g. `dvc exp run -S preset=assignment7`
-# or `dvc exp run -S train.max_lr=0.003`, so an edit made here lasts only until then: make
-# lasting changes in conf/, then regenerate this file with `python tests/test_presets.py`.
-"""
-
-
-def compose_text(overrides: list[str] = (), conf: Path = CONF) -> str:
-    """params.yaml as `dvc exp run -S <overrides>` writes it (same function, same arguments)."""
-    from dvc.utils.hydra import compose_and_dump
-
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "params.yaml"
-        compose_and_dump(out, str(conf), None, "config", str(conf.parent), list(overrides))
-        return out.read_text()
+def compose_text(overrides: list[str] = ()) -> str:
+    """params.yaml as `dvc exp run -S <overrides>` writes it in this repo."""
+    return composition.compose_text(overrides, CONF)
 
 
 def compose(overrides: list[str] = ()) -> dict:
     return yaml.safe_load(compose_text(overrides))
-
-
-def key_comments(config: Path = CONF / "config.yaml") -> dict[tuple[str, str], str]:
-    """(section, key) -> the inline comment that explains the key in conf/config.yaml."""
-    comments, section = {}, None
-    for line in config.read_text().splitlines():
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        if not line.startswith(" "):
-            section = line.split(":")[0]
-        elif "#" in line and ":" in line:
-            key = line.split(":")[0].strip().lstrip("- ")
-            comments[(section, key)] = line.split("#", 1)[1].strip()
-    return comments
-
-
-def annotate(composed: str) -> str:
-    """The composed params with each key's comment from conf/config.yaml after its value, so the
-    committed params.yaml reads on its own. `dvc exp run` rewrites the file without them."""
-    comments, section, out = key_comments(), None, []
-    for line in composed.splitlines():
-        if line and not line.startswith(" "):
-            section = line.split(":")[0]
-        elif line.strip() and (section, line.split(":")[0].strip()) in comments:
-            line = f"{line:<30} # {comments[(section, line.split(':')[0].strip())]}"
-        out.append(line)
-    return "\n".join(out) + "\n"
-
-
-def uncommented(text: str) -> str:
-    """params.yaml's text without its header and the key comments `annotate` added."""
-    lines = body(text).splitlines()
-    return "".join(line.split(" # ", 1)[0].rstrip() + "\n" for line in lines)
-
-
-def body(text: str) -> str:
-    """`text` without its leading comment header."""
-    lines = text.splitlines(keepends=True)
-    while lines and (lines[0].startswith("#") or not lines[0].strip()):
-        lines.pop(0)
-    return "".join(lines)
 
 
 # --- composition ------------------------------------------------------------------------------
@@ -185,10 +130,23 @@ def test_default_composition_is_the_committed_params_yaml():
     assert compose_text([f"preset={DEFAULT_PRESET}"]) == composed
     committed = (REPO / "params.yaml").read_text()
     assert yaml.safe_load(committed) == yaml.safe_load(composed), \
-        "params.yaml differs from the composition of conf/: edit conf/, then run `python tests/test_presets.py`"
+        "params.yaml differs from the composition of conf/: edit conf/, then run `python -m cifarlab.compose`"
     assert uncommented(committed) == composed, \
-        "params.yaml is not the composition's text: run `python tests/test_presets.py`"
+        "params.yaml is not the composition's text: run `python -m cifarlab.compose`"
     assert committed.startswith(PARAMS_HEADER)
+    assert committed == params_text(CONF)
+
+
+def test_compose_command_writes_and_checks_params_yaml(tmp_path):
+    shutil.copytree(CONF, tmp_path / "conf")
+    compose_cli = [sys.executable, "-m", "cifarlab.compose"]
+    result = run([*compose_cli, "--check"], tmp_path, check=False)
+    assert result.returncode == 1 and "params.yaml is not the composition of conf/" in result.stderr
+    run(compose_cli, tmp_path)
+    assert (tmp_path / "params.yaml").read_text() == (REPO / "params.yaml").read_text()
+    assert run([*compose_cli, "--check"], tmp_path).returncode == 0
+    missing = run([*compose_cli, "--conf", "nowhere"], tmp_path, check=False)
+    assert missing.returncode == 1 and "nowhere/config.yaml does not exist" in missing.stderr
 
 
 def test_every_key_in_params_yaml_is_commented():
@@ -258,13 +216,3 @@ def test_presets_run_as_named_experiments_and_compare(tmp_path, monkeypatch):
     run(["dvc", "plots", "diff", "assignment-7", "assignment-10", "-o", str(out)], work)
     html = (out / "index.html").read_text()
     assert '"assignment-7"' in html and '"assignment-10"' in html and "Accuracy per epoch" in html
-
-
-def write_params_yaml() -> None:
-    """Rewrite params.yaml as the header + the default composition of conf/, keys commented."""
-    (REPO / "params.yaml").write_text(PARAMS_HEADER + "\n" + annotate(compose_text()))
-
-
-if __name__ == "__main__":
-    write_params_yaml()
-    print(f"wrote {REPO / 'params.yaml'} from {CONF}", file=sys.stderr)
