@@ -407,6 +407,13 @@ def format_value(value) -> str:
     return str(value)
 
 
+def report_path(out: dict, prefix: str, result: dict, *keys: str) -> None:
+    """Copy a training path's `keys` into the output as `<prefix>_<key>`, in the order given;
+    `images_per_s` is printed as `<prefix>_train_images_per_s`."""
+    for key in keys:
+        out[f"{prefix}_{'train_images_per_s' if key == 'images_per_s' else key}"] = result[key]
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -468,18 +475,12 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     timed = run_training_paths(args, params, runtime, dataset, out)
     pipeline = timed["pipeline"]
-    out["pipeline_train_images_per_s"] = pipeline["images_per_s"]
-    out["pipeline_step_ms"] = pipeline["step_ms"]
-    out["pipeline_data_wait_share"] = pipeline["data_wait_share"]
-    out["pipeline_data_wait_ms_per_batch"] = pipeline["data_wait_ms_per_batch"]
-    out["pipeline_cores_used"] = pipeline["cores_used"]
+    report_path(out, "pipeline", pipeline, "images_per_s", "step_ms", "data_wait_share", "data_wait_ms_per_batch",
+                "cores_used")
     out["peak_rss_mib_after_pipeline"] = timed["peak_rss_mib_after_pipeline"]
     if "reference" in timed:
         reference = timed["reference"]
-        out["reference_train_images_per_s"] = reference["images_per_s"]
-        out["reference_step_ms"] = reference["step_ms"]
-        out["reference_data_wait_share"] = reference["data_wait_share"]
-        out["reference_cores_used"] = reference["cores_used"]
+        report_path(out, "reference", reference, "images_per_s", "step_ms", "data_wait_share", "cores_used")
         out["ratio_pipeline_over_reference"] = pipeline["images_per_s"] / reference["images_per_s"]
     else:
         out["reference_train_images_per_s"] = "skipped"
@@ -492,12 +493,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     out["compile_status"] = timed["compile_status"]
     if "compiled" in timed:
-        compiled = timed["compiled"]
-        out["compile_warmup_seconds"] = compiled["warmup_seconds"]
-        out["compile_train_images_per_s"] = compiled["images_per_s"]
-        out["compile_speedup"] = compiled["images_per_s"] / pipeline["images_per_s"]
-        out["compile_data_wait_share"] = compiled["data_wait_share"]
-        out["compile_cores_used"] = compiled["cores_used"]
+        compiled = {**timed["compiled"], "speedup": timed["compiled"]["images_per_s"] / pipeline["images_per_s"]}
+        report_path(out, "compile", compiled, "warmup_seconds", "images_per_s", "speedup", "data_wait_share",
+                    "cores_used")
         out["compile_helps"] = out["compile_speedup"] > 1.05
 
     out["peak_rss_mib"] = rss_mib()

@@ -60,6 +60,13 @@ def write_params(directory: Path, params: dict) -> None:
     (directory / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def copy_stages(work: Path) -> None:
+    """Put the repo's stage scripts (stages/_src.py included) under work/stages/."""
+    (work / "stages").mkdir(parents=True)
+    for script in (REPO / "stages").glob("*.py"):
+        (work / "stages" / script.name).write_text(script.read_text())
+
+
 @pytest.fixture
 def stage_dir(tmp_path, tiny_params):
     """A working directory with the stage scripts, tiny params and the synthetic dataset written:
@@ -67,9 +74,7 @@ def stage_dir(tmp_path, tiny_params):
     from cifarlab.data import make_synthetic, save_dataset
 
     work = tmp_path / "work"
-    (work / "stages").mkdir(parents=True)
-    for script in (REPO / "stages").glob("*.py"):
-        (work / "stages" / script.name).write_text(script.read_text())
+    copy_stages(work)
     write_params(work, tiny_params)
     data = tiny_params["data"]
     save_dataset(make_synthetic(data["synthetic_train_size"], data["synthetic_test_size"], data["synthetic_seed"]),
@@ -86,12 +91,8 @@ TINY_RUN_EVALUATE = {"gallery_size": 6, "gradcam_size": 4, "tta_hflip": True}
 def tiny_run(tmp_path_factory) -> Path:
     """The five stage scripts run once, in order, on the tiny synthetic set, as `dvc repro` would
     run them. Shared by the evaluate and report tests, which only read it (copy it to change it)."""
-    import shutil
-
     work = tmp_path_factory.mktemp("tiny_run") / "work"
-    (work / "stages").mkdir(parents=True)
-    for script in (REPO / "stages").glob("*.py"):
-        shutil.copy2(script, work / "stages" / script.name)
+    copy_stages(work)
     write_params(work, merge(yaml.safe_load((REPO / "params.yaml").read_text()),
                              merge(TINY, {"evaluate": TINY_RUN_EVALUATE})))
     for stage in ("download", "lr_find", "train", "evaluate", "report"):

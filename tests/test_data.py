@@ -11,7 +11,7 @@ import pytest
 
 from cifarlab.data import (CIFAR10_CLASSES, DataError, fetch, load_dataset, make_synthetic,
                            read_cifar10_tarball, save_dataset)
-from conftest import REPO, merge, run, write_params
+from conftest import copy_stages, merge, run, write_params
 
 
 def test_synthetic_is_deterministic_and_cifar_shaped():
@@ -122,10 +122,7 @@ def test_truncated_tarball_is_a_clear_error(cifar_tarball, tmp_path):
 
 def _stage_dir(tmp_path: Path, params: dict) -> Path:
     work = tmp_path / "work"
-    work.mkdir()
-    (work / "stages").mkdir()
-    for script in ("download.py", "_src.py"):
-        (work / "stages" / script).write_text((REPO / "stages" / script).read_text())
+    copy_stages(work)
     write_params(work, params)
     return work
 

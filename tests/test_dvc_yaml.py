@@ -99,17 +99,13 @@ def test_stage_runs_its_own_checkouts_code(name):
 
 def test_a_copy_of_the_repo_imports_its_own_src(tmp_path, tiny_params):
     import shutil
-    import subprocess
-    import sys
 
-    from conftest import tool_env, write_params
+    from conftest import run, write_params
 
     shutil.copytree(REPO / "stages", tmp_path / "stages", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO / "src", tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     with open(tmp_path / "src" / "cifarlab" / "__init__.py", "a") as init:
         init.write("\nprint('cifarlab imported from', __file__)\n")
     write_params(tmp_path, tiny_params)
-    result = subprocess.run([sys.executable, "stages/download.py"], cwd=tmp_path, env=tool_env(),
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
+    result = run(["python", "stages/download.py"], tmp_path)
     assert f"cifarlab imported from {tmp_path / 'src' / 'cifarlab' / '__init__.py'}" in result.stdout

@@ -66,6 +66,16 @@ def declared_outputs(work: Path) -> list[Path]:
     return outs
 
 
+def exp_rows(shown: list) -> dict:
+    """`dvc exp show --json` -> {experiment name: its data (params, metrics)}."""
+    rows = {}
+    for baseline in shown:
+        for exp in baseline.get("experiments") or []:
+            for rev in exp.get("revs", []):
+                rows[rev.get("name") or rev["rev"]] = rev["data"]
+    return rows
+
+
 def ran_stages(output: str) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
 

@@ -167,19 +167,9 @@ TINY_RUN = {
 }
 
 
-def exp_rows(shown: list) -> dict:
-    """`dvc exp show --json` -> {experiment name: its data (params, metrics)}."""
-    rows = {}
-    for baseline in shown:
-        for exp in baseline.get("experiments") or []:
-            for rev in exp.get("revs", []):
-                rows[rev.get("name") or rev["rev"]] = rev["data"]
-    return rows
-
-
 @pytest.mark.e2e
 def test_presets_run_as_named_experiments_and_compare(tmp_path, monkeypatch):
-    from test_pipeline_e2e import make_repo
+    from test_pipeline_e2e import exp_rows, make_repo
 
     # One compute thread per stage: the work is tiny, and on a shared 2-core CPU two-thread
     # OpenMP stages slow down many times over whenever another process takes a core.

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run
-from test_pipeline_e2e import make_repo, ran_stages
+from test_pipeline_e2e import exp_rows, make_repo, ran_stages
 
 pytestmark = pytest.mark.e2e
 
@@ -71,9 +71,7 @@ def test_queued_experiments_run_in_parallel_and_show_up(baseline, monkeypatch):
         assert "Stage 'download' didn't change, skipping" in log
         assert {"train", "evaluate", "report"} <= ran_stages(log)
 
-    shown = json.loads(run(["dvc", "exp", "show", "--json"], work).stdout)
-    rows = {rev.get("name"): rev["data"] for base in shown for exp in base.get("experiments") or []
-            for rev in exp.get("revs", [])}
+    rows = exp_rows(json.loads(run(["dvc", "exp", "show", "--json"], work).stdout))
     for lr in QUEUED_LRS:
         data = rows[f"lr-{lr}"]
         assert data["params"]["params.yaml"]["data"]["train"]["max_lr"] == lr

@@ -203,16 +203,22 @@ def test_fingerprint_depends_on_code_data_and_params(stage_dir, monkeypatch):
 
 # --- runtime.compile ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("compile_", [False, True])
-def test_runtime_compile_trains_through_torch_compile(stage_dir, tiny_params, monkeypatch, compile_):
-    """With runtime.compile the training step runs through torch.compile's module (here a recording
-    stand-in: a real compilation takes ~40-80 s on this CPU); evaluation and the checkpoint use the
-    plain module, whose parameters the compiled one shares; train_speed.json says which ran."""
+def fit_here(raw_params: dict) -> None:
+    """The train stage's `fit`, in this process (so torch.compile can be replaced), in the current directory."""
     from cifarlab.data import load_dataset
     from cifarlab.engine import select_runtime
     from cifarlab.params import parse_params
     from cifarlab.trainer import fit
 
+    params = parse_params(raw_params)
+    fit(params, load_dataset(Path("data")), select_runtime(params.runtime))
+
+
+@pytest.mark.parametrize("compile_", [False, True])
+def test_runtime_compile_trains_through_torch_compile(stage_dir, tiny_params, monkeypatch, compile_):
+    """With runtime.compile the training step runs through torch.compile's module (here a recording
+    stand-in: a real compilation takes ~40-80 s on this CPU); evaluation and the checkpoint use the
+    plain module, whose parameters the compiled one shares; train_speed.json says which ran."""
     compiled = []
 
     def record(model, *args, **kwargs):
@@ -221,9 +227,7 @@ def test_runtime_compile_trains_through_torch_compile(stage_dir, tiny_params, mo
 
     monkeypatch.setattr(torch, "compile", record)
     monkeypatch.chdir(stage_dir)
-    params = parse_params(merge(tiny_params, merge(FAST, {"train": {"epochs": 1},
-                                                          "runtime": {"compile": compile_}})))
-    fit(params, load_dataset(Path("data")), select_runtime(params.runtime))
+    fit_here(merge(tiny_params, merge(FAST, {"train": {"epochs": 1}, "runtime": {"compile": compile_}})))
     assert len(compiled) == int(compile_)
     assert json.loads(Path("metrics/train_speed.json").read_text())["compile"] is compile_
 
@@ -233,11 +237,7 @@ def test_a_failing_torch_compile_is_one_clear_line(stage_dir, tiny_params, monke
     runtime.compile, not a compiler traceback."""
     import torch._dynamo.exc
 
-    from cifarlab.data import load_dataset
-    from cifarlab.engine import select_runtime
     from cifarlab.errors import CifarlabError
-    from cifarlab.params import parse_params
-    from cifarlab.trainer import fit
 
     class Uncompilable(torch.nn.Module):
         def forward(self, *args):
@@ -245,8 +245,7 @@ def test_a_failing_torch_compile_is_one_clear_line(stage_dir, tiny_params, monke
 
     monkeypatch.setattr(torch, "compile", lambda model, *args, **kwargs: Uncompilable())
     monkeypatch.chdir(stage_dir)
-    params = parse_params(merge(tiny_params, merge(FAST, {"runtime": {"compile": True}})))
     with pytest.raises(CifarlabError) as err:
-        fit(params, load_dataset(Path("data")), select_runtime(params.runtime))
+        fit_here(merge(tiny_params, merge(FAST, {"runtime": {"compile": True}})))
     assert str(err.value) == ("runtime.compile is true but torch.compile failed in epoch 1: C++ compile error: "
                               "no compiler found; set runtime.compile: false")

@@ -59,8 +59,8 @@ def annotate(composed: str, config: Path) -> str:
     for line in composed.splitlines():
         if line and not line.startswith(" "):
             section = line.split(":")[0]
-        elif line.strip() and (section, line.split(":")[0].strip()) in comments:
-            line = f"{line:<30} # {comments[(section, line.split(':')[0].strip())]}"
+        elif line.strip() and (comment := comments.get((section, line.split(":")[0].strip()))) is not None:
+            line = f"{line:<30} # {comment}"
         out.append(line)
     return "\n".join(out) + "\n"
 
