@@ -16,8 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 # Small enough for a 2-core CPU, big enough that the custom ResNet learns the synthetic set.
 TINY = {
     "data": {"source": "synthetic", "synthetic_train_size": 512, "synthetic_test_size": 200},
-    "lr_find": {"num_iter": 20, "end_lr": 1.0},
-    "train": {"epochs": 3, "batch_size": 128, "max_at_epoch": 1, "max_lr": 0.003},
+    "lr_find": {"start_lr": 1.0e-5, "num_iter": 30, "end_lr": 1.0},
+    "train": {"epochs": 3, "batch_size": 32, "max_at_epoch": 1, "max_lr": 0.003},
     "evaluate": {"batch_size": 200, "gallery_size": 10},
 }
 

@@ -116,7 +116,7 @@ def test_report_is_declared_from_the_other_stages_outputs_only():
         assert dep in outs or dep.startswith(("src/", "stages/")), dep
     assert report["params"] == ["report"]
     plots = {entry for entry in yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"] if isinstance(entry, str)}
-    assert {p.as_posix() for p in COPIED_FIGURES} | {"plots/lr_find.png"} <= plots
+    assert {p.as_posix() for p in COPIED_FIGURES} | {"reports/figures/lr_find.png"} <= plots
 
 
 # --- numbers equal to the metrics files -------------------------------------------------------------
@@ -132,9 +132,22 @@ def test_result_matches_evaluate_metrics(tiny, report):
     assert result["test accuracy, horizontal-flip TTA"] == [f"{pct(tta['accuracy'])} ({tta['correct']:,} / {n:,})"]
     assert result["test loss, horizontal-flip TTA"] == [f"{tta['loss']:.4f}"]
     assert result[f"target accuracy ({params['preset']})"] == [pct(params["target_accuracy"])]
-    met = metrics["accuracy"] >= params["target_accuracy"]
-    assert result["target"][0].startswith("**met**" if met else "**not met**")
+    # The target belongs to CIFAR-10: on synthetic data "met / not met" is not a result.
+    assert result["target"] == ["not judged: synthetic data (the target belongs to CIFAR-10)"]
+    assert "not judged: the data is **synthetic**" in report and "**met**" not in report
     assert f"**{pct(metrics['accuracy'])}** test accuracy" in report
+
+
+def test_on_cifar10_the_target_is_judged(tiny, tmp_path):
+    work = tmp_path / "work"
+    shutil.copytree(tiny, work)
+    metrics = read_json(work, paths.EVAL_METRICS)
+    (work / paths.EVAL_METRICS).write_text(json.dumps({**metrics, "data_source": "cifar10"}))
+    run(["python", "stages/report.py"], work)
+    result = table_dict(tables(section((work / "reports/report.md").read_text(), "Result"))[0])
+    target = yaml.safe_load((work / "params.yaml").read_text())["report"]["target_accuracy"]
+    met = metrics["accuracy"] >= target
+    assert result["target"][0].startswith("**met**" if met else "**not met**")
 
 
 def test_per_epoch_table_matches_the_training_logs(tiny, report):
@@ -171,9 +184,13 @@ def test_lr_sections_match_lr_find_and_the_schedule(tiny, report):
     lr_find = read_json(tiny, paths.LR_FIND_METRICS)
     rows = table_dict(tables(section(report, "LR range test"))[0])
     for rule, lr in lr_find["suggestions"].items():
-        assert rows[f"`{rule}`"] == [f"{lr:.3e}", "**chosen**" if rule == lr_find["rule"] else ""]
+        assert rows[f"`{rule}`"] == [f"{lr:.3e}", "`lr_find.rule`" if rule == lr_find["rule"] else ""]
     assert rows["loss minimum (never used)"][0] == f"{lr_find['loss_minimum_lr']:.3e}"
-    assert rows["used for training"][0] == f"{TINY['train']['max_lr']:.3e}"
+    # "chosen" is what training used: here the params' number, not the rule's suggestion
+    assert rows["**chosen**: used for training"] == [f"**{TINY['train']['max_lr']:.3e}**",
+                                                     "set in params (`train.max_lr`)"]
+    low, high = lr_find["window"]
+    assert f"({low:.2e} .. {high:.2e}, shaded in the figure)" in section(report, "LR range test")
     with (tiny / paths.LR_SCHEDULE).open() as handle:
         lrs = [float(row["lr"]) for row in csv.DictReader(handle)]
     text = section(report, "LR schedule")

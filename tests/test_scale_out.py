@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run
+from conftest import TINY, run
 from test_pipeline_e2e import exp_rows, make_repo, ran_stages
 
 pytestmark = pytest.mark.e2e
 
-# The plumbing, not the learning: as small as every stage allows (lr_find needs 20 iterations).
+# The plumbing, not the learning: as small as every stage allows (lr_find: the tiny configuration's).
 TINY_RUN = {
     "data": {"source": "synthetic", "synthetic_train_size": 128, "synthetic_test_size": 50},
-    "lr_find": {"num_iter": 20, "end_lr": 1.0},
+    "lr_find": TINY["lr_find"],
     "train": {"epochs": 1, "batch_size": 32, "max_at_epoch": 1, "max_lr": 0.003},
     "evaluate": {"batch_size": 50, "gallery_size": 4, "gradcam_size": 2},
 }

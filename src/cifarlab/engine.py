@@ -119,8 +119,9 @@ class DivergenceGuard:
 
     SMOOTHING = 0.9
 
-    def __init__(self, factor: float, device: torch.device):
+    def __init__(self, factor: float, device: torch.device, advice: str = "lower train.max_lr"):
         self.factor = factor
+        self.advice = advice   # what to change, which depends on how the max LR was chosen
         self.ema = torch.full((), float("nan"), device=device)
         self.best = torch.full((), float("inf"), device=device)
         self.tripped = torch.zeros((), dtype=torch.bool, device=device)
@@ -148,7 +149,7 @@ class DivergenceGuard:
                f"smoothed loss exceeded {self.factor:g} x its best ({float(self.best):.4g})")
         raise TrainingDiverged(
             f"training diverged at epoch {step // steps_per_epoch + 1}, step {step} (lr {lrs_by_step[step]:.3g}): "
-            f"{why}; lower train.max_lr (or use train.max_lr=find)")
+            f"{why}; {self.advice}")
 
     def state_dict(self) -> dict:
         return {name: getattr(self, name).cpu() for name in ("ema", "best", "tripped", "trip_step", "trip_loss")}

@@ -1,12 +1,13 @@
-"""The LR range test (torch-lr-finder) and the rules that turn its curve into a max LR.
+"""The LR range test (torch-lr-finder), stopped once the loss has clearly turned up.
 
-The raw loss minimum is never the suggestion: at that LR the loss is about to blow up, and
-OneCycle spends a third of a run near its peak (the seeds' assignment 8 took 0.69 from the
-minimum and diverged). Every rule below picks an LR on the descending part of the curve.
+The rules that read its curve live in `cifarlab.lr_rules`; the raw loss minimum is never a
+suggestion (the seeds' assignment 8 trained at it and diverged).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 from typing import Sequence
 
 import numpy as np
@@ -14,12 +15,42 @@ import torch
 from torch_lr_finder import LRFinder
 
 from cifarlab.engine import Runtime
-from cifarlab.errors import CifarlabError
 from cifarlab.params import LrFindParams
 
-SKIP_START = 10  # points trimmed from the start (noisy) ...
-SKIP_END = 5     # ... and the end (diverging) before a rule looks at the curve
-RULES = ("steepest", "valley", "min_div_10")
+
+def turned_up(losses: Sequence[float], rebound: float) -> bool:
+    """Has the smoothed loss clearly turned up? True once the latest value is not finite, or has
+    climbed back `rebound` of the way from its lowest point to where it started (at least
+    `rebound` x 20% of the start, so a curve that never fell still stops when it blows up).
+
+    A multiple of the best loss (torch-lr-finder's `diverge_th`) is not enough: after divergence
+    a network saturates and its loss drifts back toward ln 10, which on real CIFAR-10 never
+    reached 5x the minimum, and the curve fell again past it.
+    """
+    if not losses:
+        return False
+    latest = float(losses[-1])
+    if not np.isfinite(latest):
+        return True
+    start, lowest = float(losses[0]), float(np.min(losses))
+    return latest > lowest + rebound * max(start - lowest, 0.2 * abs(start))
+
+
+class _TurnedUp(Exception):
+    pass
+
+
+class _StoppingFinder(LRFinder):
+    """torch-lr-finder's range test, stopped by `turned_up` before each further batch."""
+
+    def __init__(self, *args, rebound: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rebound = rebound
+
+    def _train_batch(self, *args, **kwargs):
+        if turned_up(self.history["loss"], self.rebound):
+            raise _TurnedUp
+        return super()._train_batch(*args, **kwargs)
 
 
 def range_test(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, runtime: Runtime,
@@ -31,59 +62,14 @@ def range_test(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader,
         amp = {"amp_backend": "torch",
                "amp_config": {"device_type": runtime.device.type, "dtype": runtime.autocast_dtype},
                "grad_scaler": torch.amp.GradScaler(runtime.device.type, enabled=runtime.needs_grad_scaler())}
-    finder = LRFinder(model, optimizer, criterion, device=runtime.device, **amp)
-    finder.range_test(loader, start_lr=params.start_lr, end_lr=params.end_lr, num_iter=params.num_iter,
-                      step_mode=params.step_mode, smooth_f=params.smooth_f, diverge_th=params.diverge_th)
+    finder = _StoppingFinder(model, optimizer, criterion, device=runtime.device, rebound=params.stop_rebound, **amp)
+    # torch-lr-finder prints advice meant for its own plotting API ("See the graph with ..."): not ours.
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            finder.range_test(loader, start_lr=params.start_lr, end_lr=params.end_lr, num_iter=params.num_iter,
+                              step_mode=params.step_mode, smooth_f=params.smooth_f, diverge_th=1e12)
+        except _TurnedUp:
+            pass
     lrs, losses = list(finder.history["lr"]), list(finder.history["loss"])
     finder.reset()  # the measured model must not leave the range test trained
     return lrs, losses
-
-
-def _trimmed(lrs: Sequence[float], losses: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    lrs_a, losses_a = np.asarray(lrs, dtype=float), np.asarray(losses, dtype=float)
-    finite = np.isfinite(losses_a)
-    lrs_a, losses_a = lrs_a[finite], losses_a[finite]
-    if len(lrs_a) < SKIP_START + SKIP_END + 2:
-        raise CifarlabError(
-            f"the LR range test recorded {len(lrs_a)} usable points, need at least {SKIP_START + SKIP_END + 2}: "
-            f"raise lr_find.num_iter or lr_find.diverge_th, or lower lr_find.start_lr")
-    return lrs_a[SKIP_START:-SKIP_END], losses_a[SKIP_START:-SKIP_END]
-
-
-def steepest(lrs: Sequence[float], losses: Sequence[float]) -> float:
-    """The LR where the smoothed loss falls fastest (most negative slope per step)."""
-    lrs_a, losses_a = _trimmed(lrs, losses)
-    return float(lrs_a[np.gradient(losses_a).argmin()])
-
-
-def valley(lrs: Sequence[float], losses: Sequence[float]) -> float:
-    """fastai's `valley`: two thirds down the longest decreasing stretch of the loss curve."""
-    lrs_a, losses_a = _trimmed(lrs, losses)
-    n = len(losses_a)
-    longest = [1] * n
-    best_start, best_end = 0, 0
-    for i in range(1, n):
-        for j in range(i):
-            if losses_a[i] < losses_a[j] and longest[i] < longest[j] + 1:
-                longest[i] = longest[j] + 1
-        if longest[best_end] < longest[i]:
-            best_end, best_start = i, i - longest[i]
-    third = (best_end - best_start) / 3
-    return float(lrs_a[best_start + int(third) + int(third / 2)])
-
-
-def min_div_10(lrs: Sequence[float], losses: Sequence[float]) -> float:
-    """A tenth of the LR at the loss minimum (the minimum itself is already too high)."""
-    lrs_a, losses_a = _trimmed(lrs, losses)
-    return float(lrs_a[losses_a.argmin()] / 10.0)
-
-
-def suggestions(lrs: Sequence[float], losses: Sequence[float]) -> dict[str, float]:
-    """Every rule's suggested max LR, plus the raw minimum for reference (never used)."""
-    rules = {"steepest": steepest, "valley": valley, "min_div_10": min_div_10}
-    return {name: rule(lrs, losses) for name, rule in rules.items()}
-
-
-def loss_minimum_lr(lrs: Sequence[float], losses: Sequence[float]) -> float:
-    lrs_a, losses_a = _trimmed(lrs, losses)
-    return float(lrs_a[losses_a.argmin()])

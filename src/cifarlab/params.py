@@ -16,6 +16,7 @@ from typing import Any, Callable, Union
 
 import yaml
 
+from cifarlab import lr_rules
 from cifarlab.errors import CifarlabError
 
 
@@ -49,6 +50,14 @@ def any_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError("a whole number")
     return value
+
+
+def int_at_least(low: int, why: str = "") -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"a whole number >= {low}{why}")
+        return value
+    return check
 
 
 def positive_float(value: Any) -> float:
@@ -177,11 +186,12 @@ class OptimParams:
 class LrFindParams:
     start_lr: float = key(positive_float)
     end_lr: float = key(positive_float)
-    num_iter: int = key(positive_int)
+    num_iter: int = key(int_at_least(lr_rules.MIN_NUM_ITER, f" (the rules skip the first {lr_rules.SKIP_START} "
+                                                             f"points and need {lr_rules.MIN_WINDOW} below the minimum)"))
     step_mode: str = key(one_of("exp", "linear"))
     smooth_f: float = key(fraction_below_one)
-    diverge_th: float = key(float_at_least(1.0))
-    rule: str = key(one_of("steepest", "valley", "min_div_10"))
+    stop_rebound: float = key(positive_float)
+    rule: str = key(one_of(*lr_rules.RULES))
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,6 @@ DATA_DIR = Path("data")
 
 LR_FIND_METRICS = Path("metrics/lr_find.json")      # suggested max LR, per-rule values
 LR_FIND_CURVE = Path("plots/lr_find.csv")           # lr, loss
-LR_FIND_FIGURE = Path("plots/lr_find.png")
 
 TRAIN_LIVE_DIR = Path("metrics/train")              # dvclive: metrics.json + per-epoch plots
 TRAIN_SPEED = Path("metrics/train_speed.json")      # images/s and epoch seconds, apart from learning metrics

@@ -13,29 +13,30 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
-def lr_find_figure(lrs: Sequence[float], losses: Sequence[float], candidates: Mapping[str, float],
-                   chosen: str, loss_minimum: float, trained_lr: Optional[float] = None):
-    """The range-test curve, every rule's candidate marked, the chosen one highlighted; with
-    `trained_lr`, also the max LR training actually used (which params may set by hand)."""
+def lr_find_figure(lrs: Sequence[float], losses: Sequence[float], candidates: Mapping[str, float], rule: str,
+                   loss_minimum: float, window: Sequence[float], trained_lr: float, trained_from_find: bool):
+    """The range-test curve with the window the rules read shaded, every rule's suggestion marked
+    (`rule` is lr_find.rule's), and the max LR training used, the one thick line: "chosen"."""
     fig, ax = plt.subplots(figsize=(8, 5))
+    ax.axvspan(window[0], window[1], color="tab:green", alpha=0.08,
+               label=f"window the rules read: {window[0]:.1e} .. {window[1]:.1e}")
     ax.plot(lrs, losses, color="tab:blue", label="smoothed training loss")
     colours = dict(zip(candidates, ("tab:green", "tab:orange", "tab:purple", "tab:brown")))
     for name, lr in candidates.items():
-        ax.axvline(lr, color=colours[name], linewidth=3 if name == chosen else 1,
-                   linestyle="-" if name == chosen else "--",
-                   label=f"{name}: {lr:.2e}" + ("  (chosen max LR)" if name == chosen else ""))
+        ax.axvline(lr, color=colours[name], linewidth=1.2, linestyle="--",
+                   label=f"{name}: {lr:.2e}" + ("  (lr_find.rule)" if name == rule else ""))
     ax.axvline(loss_minimum, color="tab:red", linestyle=":", label=f"loss minimum: {loss_minimum:.2e} (never used)")
-    if trained_lr is not None:
-        ax.axvline(trained_lr, color="black", linewidth=1.5, linestyle="-.",
-                   label=f"max LR used for training: {trained_lr:.2e}")
+    source = f"lr_find's {rule}" if trained_from_find else "set in train.max_lr"
+    ax.axvline(trained_lr, color="black", linewidth=3, alpha=0.6,
+               label=f"chosen: max LR used for training {trained_lr:.2e} ({source})")
     ax.set_xscale("log")
     finite = np.asarray([x for x in losses if np.isfinite(x)])
     if len(finite):
         ax.set_ylim(finite.min() - 0.05 * abs(finite.min()), min(finite.max(), 4 * finite.min()) * 1.05)
     ax.set_xlabel("learning rate (log scale)")
-    ax.set_ylabel("loss")
+    ax.set_ylabel("smoothed loss")
     ax.set_title("LR range test")
-    ax.legend(loc="best", fontsize=8)
+    ax.legend(loc="upper right", fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     return fig

@@ -44,16 +44,31 @@ class Interrupted(CifarlabError):
     exit_code = 130
 
 
+def _read_lr_find(lr_find_metrics: Path) -> dict:
+    try:
+        found = json.loads(lr_find_metrics.read_text())
+        float(found["max_lr"]), float(found["loss_minimum_lr"]), str(found["rule"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CifarlabError(f"train.max_lr is `find` but {lr_find_metrics} is missing or incomplete; "
+                            f"run `dvc repro lr_find` or set train.max_lr to a number") from None
+    return found
+
+
 def resolve_max_lr(max_lr: Union[float, str], lr_find_metrics: Path = paths.LR_FIND_METRICS) -> float:
     """`train.max_lr` as a number: itself, or lr_find's suggestion when it is `find`."""
     if max_lr != "find":
         return float(max_lr)
-    try:
-        suggested = json.loads(lr_find_metrics.read_text())["max_lr"]
-    except (OSError, ValueError, KeyError):
-        raise CifarlabError(f"train.max_lr is `find` but {lr_find_metrics} is missing or has no max_lr; "
-                            f"run `dvc repro lr_find` or set train.max_lr to a number") from None
-    return float(suggested)
+    return float(_read_lr_find(lr_find_metrics)["max_lr"])
+
+
+def divergence_advice(max_lr: Union[float, str], used: float, lr_find_metrics: Path = paths.LR_FIND_METRICS) -> str:
+    """What to change when training diverges, which depends on where its max LR came from."""
+    lower = f"{used / 3:.2g}"
+    if max_lr != "find":
+        return f"lower train.max_lr (e.g. {lower}), or set it to `find` to take the LR range test's suggestion"
+    found = _read_lr_find(lr_find_metrics)
+    return (f"the max LR {used:.3g} came from lr_find's `{found['rule']}` rule (loss minimum at "
+            f"{float(found['loss_minimum_lr']):.3g}): set train.max_lr to a number below it, e.g. {lower}")
 
 
 def _hash_files(files: list[Path], digest) -> None:
@@ -122,7 +137,7 @@ def fit(params: Params, dataset: Dataset, runtime: Runtime, world: Distributed =
     cycle = onecycle_for(train, len(loader), max_lr)
     scheduler = build_scheduler(optimizer, cycle, train.cycle_momentum)
     scaler = torch.amp.GradScaler("cuda") if runtime.needs_grad_scaler() else None
-    guard = DivergenceGuard(train.diverge_factor, runtime.device)
+    guard = DivergenceGuard(train.diverge_factor, runtime.device, divergence_advice(train.max_lr, max_lr))
     history: dict[str, list[float]] = {name: [] for name in LOGGED}
     lrs: list[float] = []
     epoch_seconds: list[float] = []
