@@ -60,7 +60,7 @@ def test_unknown_section(default_params):
     ("model", "name", "resnet1000", "custom_resnet"),
     ("runtime", "device", "tpu", "auto, cpu, cuda"),
     ("runtime", "num_workers", -1, "auto or"),
-    ("lr_find", "rule", "minimum", "steepest, valley, min_div_10"),
+    ("lr_find", "rule", "minimum", "min_div_10, steepest, valley"),
 ])
 def test_bad_value_names_key_and_allowed(default_params, section, key, value, allowed):
     text = message(merge(default_params, {section: {key: value}}))
