@@ -20,7 +20,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             tarball = Path(tmp) / "cifar-10-python.tar.gz"
             fetch(data.url, tarball, data.md5)
-            dataset = read_cifar10_tarball(tarball)
+            dataset = read_cifar10_tarball(tarball, origin=data.url)
         extra = {"url": data.url, "md5": data.md5}
     save_dataset(dataset, paths.DATA_DIR, extra)
     print(f"download: {dataset.source}, {len(dataset.train)} train / {len(dataset.test)} test images "

@@ -48,6 +48,12 @@ def main() -> None:
     matrix = confusion_matrix(target, predicted, len(classes))
     metrics["per_class_accuracy"] = per_class_accuracy(matrix, classes)
     write_json(paths.EVAL_METRICS, metrics)
+    # What `dvc exp show` compares: the test figures only, each once (the rest are run details above).
+    write_json(paths.TEST_SUMMARY, {key: metrics[key] for key in ("accuracy", "loss")} | (
+        {"tta_hflip": {key: metrics["tta_hflip"][key] for key in ("accuracy", "loss")}} if settings.tta_hflip else {}))
+    with atomic_path(paths.PER_CLASS) as tmp:
+        tmp.write_text("class,accuracy\n" + "".join(
+            f"{name},{value!r}\n" for name, value in metrics["per_class_accuracy"].items()))
 
     with atomic_path(paths.CONFUSION) as tmp:
         tmp.write_text("actual,predicted\n" + "".join(

@@ -67,6 +67,16 @@ def copy_stages(work: Path) -> None:
         (work / "stages" / script.name).write_text(script.read_text())
 
 
+def copy_code(work: Path) -> None:
+    """The stage scripts, src/ and dvc.yaml under work/: what train needs to run there as in the repo
+    (its run fingerprint hashes the files dvc.yaml lists as train's deps, relative to the working directory)."""
+    import shutil
+
+    copy_stages(work)
+    shutil.copytree(REPO / "src", work / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    shutil.copy2(REPO / "dvc.yaml", work / "dvc.yaml")
+
+
 @pytest.fixture
 def stage_dir(tmp_path, tiny_params):
     """A working directory with the stage scripts, tiny params and the synthetic dataset written:
@@ -74,7 +84,7 @@ def stage_dir(tmp_path, tiny_params):
     from cifarlab.data import make_synthetic, save_dataset
 
     work = tmp_path / "work"
-    copy_stages(work)
+    copy_code(work)
     write_params(work, tiny_params)
     data = tiny_params["data"]
     save_dataset(make_synthetic(data["synthetic_train_size"], data["synthetic_test_size"], data["synthetic_seed"]),
@@ -92,7 +102,7 @@ def tiny_run(tmp_path_factory) -> Path:
     """The five stage scripts run once, in order, on the tiny synthetic set, as `dvc repro` would
     run them. Shared by the evaluate and report tests, which only read it (copy it to change it)."""
     work = tmp_path_factory.mktemp("tiny_run") / "work"
-    copy_stages(work)
+    copy_code(work)
     write_params(work, merge(yaml.safe_load((REPO / "params.yaml").read_text()),
                              merge(TINY, {"evaluate": TINY_RUN_EVALUATE})))
     for stage in ("download", "lr_find", "train", "evaluate", "report"):

@@ -40,3 +40,15 @@ def test_unknown_architecture(tmp_path):
     torch.save({"arch": "vgg99", "state_dict": {}}, tmp_path / "m.pt")
     with pytest.raises(CifarlabError, match="unknown model `vgg99`"):
         load_checkpoint(tmp_path / "m.pt")
+
+
+def test_equal_weights_give_equal_bytes(tmp_path):
+    """The temporary file's random name must not reach the archive: DVC hashes the bytes."""
+    import hashlib
+
+    torch.manual_seed(0)
+    model = Classifier("a7_net")
+    save_checkpoint(tmp_path / "a" / "model.pt", model, epoch=3)
+    save_checkpoint(tmp_path / "b" / "other-name.pt", model, epoch=3)
+    digests = {hashlib.md5((tmp_path / p).read_bytes()).hexdigest() for p in ("a/model.pt", "b/other-name.pt")}
+    assert len(digests) == 1

@@ -1,9 +1,14 @@
 import hashlib
 import http.server
 import io
+import os
 import pickle
+import signal
+import subprocess
+import sys
 import tarfile
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +16,7 @@ import pytest
 
 from cifarlab.data import (CIFAR10_CLASSES, DataError, fetch, load_dataset, make_synthetic,
                            read_cifar10_tarball, save_dataset)
-from conftest import copy_stages, merge, run, write_params
+from conftest import copy_stages, merge, run, tool_env, write_params
 
 
 def test_synthetic_is_deterministic_and_cifar_shaped():
@@ -43,8 +48,11 @@ def test_load_rejects_a_cifar10_test_split_of_the_wrong_size(tmp_path):
     data = make_synthetic(50, 20, seed=1)
     save_dataset(data, tmp_path / "data")
     meta = tmp_path / "data" / "meta.json"
-    meta.write_text(meta.read_text().replace('"synthetic"', '"cifar10"'))
-    with pytest.raises(DataError, match="holds 20 images, expected 10000"):
+    text = meta.read_text().replace('"synthetic"', '"cifar10"')
+    for i, name in enumerate(CIFAR10_CLASSES):
+        text = text.replace(f'"synthetic-{i}"', f'"{name}"')
+    meta.write_text(text)
+    with pytest.raises(DataError, match="says 50 train / 20 test images; CIFAR-10 has 50000 / 10000"):
         load_dataset(tmp_path / "data")
 
 
@@ -162,3 +170,162 @@ def test_download_stage_failure_keeps_previous_data(server, tmp_path, default_pa
     save_dataset(make_synthetic(20, 10, 0), work / "data")
     assert run(["python", "stages/download.py"], work, check=False).returncode == 1
     assert load_dataset(work / "data").source == "synthetic"
+
+
+# --- data files validated on load, in every stage ----------------------------------------------------
+
+def _rewrite(data_dir: Path, split: str, **arrays) -> None:
+    with np.load(data_dir / f"{split}.npz") as old:
+        current = {"images": old["images"], "labels": old["labels"]}
+    current.update(arrays)
+    np.savez(data_dir / f"{split}.npz", **current)
+
+
+def _corrupt(data_dir: Path, case: str) -> None:
+    if case == "28x28 images":
+        with np.load(data_dir / "train.npz") as old:
+            _rewrite(data_dir, "train", images=np.ascontiguousarray(old["images"][:, :28, :28]))
+    elif case == "float images":
+        with np.load(data_dir / "test.npz") as old:
+            _rewrite(data_dir, "test", images=old["images"].astype(np.float32))
+    elif case == "label 10 of 10 classes":
+        with np.load(data_dir / "train.npz") as old:
+            labels = old["labels"].copy()
+        labels[3] = 10
+        _rewrite(data_dir, "train", labels=labels)
+    elif case == "negative label":
+        with np.load(data_dir / "test.npz") as old:
+            labels = old["labels"].copy()
+        labels[0] = -1
+        _rewrite(data_dir, "test", labels=labels)
+    elif case == "random bytes":
+        (data_dir / "test.npz").write_bytes(np.random.default_rng(0).bytes(4096))
+    elif case == "a pickle":
+        (data_dir / "test.npz").write_bytes(pickle.dumps({"images": [1, 2, 3]}))
+    elif case == "no labels array":
+        with np.load(data_dir / "test.npz") as old:
+            np.savez(data_dir / "test.npz", images=old["images"])
+    elif case == "split size not meta's":
+        with np.load(data_dir / "test.npz") as old:
+            _rewrite(data_dir, "test", images=old["images"][:10], labels=old["labels"][:10])
+    elif case == "duplicate class names":
+        meta = data_dir / "meta.json"
+        meta.write_text(meta.read_text().replace('"synthetic-1"', '"synthetic-0"'))
+    elif case == "missing test.npz":
+        (data_dir / "test.npz").unlink()
+    else:
+        raise AssertionError(case)
+
+
+BAD_DATA = {   # case -> what the one line must say
+    "28x28 images": "data/train.npz holds images of shape 50x28x28x3 uint8; allowed: N x 32 x 32 x 3 uint8",
+    "float images": "data/test.npz holds images of shape 20x32x32x3 float32; allowed: N x 32 x 32 x 3 uint8",
+    "label 10 of 10 classes": "data/train.npz holds 1 labels outside 0..9 (e.g. 10); allowed: 0..9",
+    "negative label": "data/test.npz holds 1 labels outside 0..9 (e.g. -1)",
+    "random bytes": "data/test.npz is not a readable .npz of `images` and `labels` arrays",
+    "a pickle": "data/test.npz is not a readable .npz of `images` and `labels` arrays",
+    "no labels array": "data/test.npz has no array 'labels'",
+    "split size not meta's": "data/test.npz holds 10 images; meta.json says 20",
+    "duplicate class names": "allowed: a list of at least 2 distinct class names",
+    "missing test.npz": "data/test.npz does not exist",
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DATA))
+def test_bad_data_file_is_one_line_with_how_to_restore(tmp_path, monkeypatch, case):
+    save_dataset(make_synthetic(50, 20, seed=1), tmp_path / "data")
+    _corrupt(tmp_path / "data", case)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError) as err:
+        load_dataset(Path("data"))
+    text = str(err.value)
+    assert "\n" not in text and BAD_DATA[case] in text
+    assert "dvc checkout data" in text and "dvc repro download" in text
+    assert "allow_pickle" not in text
+
+
+@pytest.mark.parametrize("stage,case", [("lr_find", "random bytes"), ("train", "label 10 of 10 classes"),
+                                        ("train", "28x28 images"), ("evaluate", "random bytes")])
+def test_every_stage_validates_the_data(stage_dir, stage, case):
+    _corrupt(stage_dir / "data", case)
+    result = run(["python", f"stages/{stage}.py"], stage_dir, check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]          # one line, no traceback
+    assert result.stderr.startswith("error: data/") and "dvc checkout data" in result.stderr
+    assert not (stage_dir / "metrics").exists() and not (stage_dir / "models").exists()   # nothing half-written
+
+
+def test_download_that_is_not_a_tarball_names_the_url(server, cifar_tarball, tmp_path, default_params):
+    page = cifar_tarball[0].parent / "index.html"
+    page.write_text("<html>a mirror's landing page, not the tarball</html>")
+    url = f"{server}/index.html"
+    params = merge(default_params, {"data": {"url": url, "md5": hashlib.md5(page.read_bytes()).hexdigest()}})
+    work = _stage_dir(tmp_path, params)
+    result = run(["python", "stages/download.py"], work, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"error: the download from {url} is not a readable CIFAR-10 python tarball" in result.stderr
+    assert "/tmp" not in result.stderr.replace(url, "") and "data.url" in result.stderr
+
+
+@pytest.fixture
+def slow_server(tmp_path):
+    """An HTTP server on 127.0.0.1 that sends a large body slowly (a download to interrupt)."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(100 << 20))
+            self.end_headers()
+            try:
+                for _ in range(1000):
+                    self.wfile.write(b"x" * 65536)
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            except OSError:
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/cifar.tar.gz"
+    httpd.shutdown()
+
+
+def test_sigterm_during_download_leaves_no_partial_file(slow_server, tmp_path, default_params):
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    work = _stage_dir(tmp_path, merge(default_params, {"data": {"url": slow_server}}))
+    env = dict(tool_env(), TMPDIR=str(temp))
+    process = subprocess.Popen([sys.executable, "stages/download.py"], cwd=work, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not any(p.is_file() and p.stat().st_size > 0 for p in temp.rglob("*")) and time.time() < deadline:
+        time.sleep(0.05)
+    assert any(p.is_file() for p in temp.rglob("*")), "the download never started"
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143
+    assert [line for line in stderr.splitlines() if line.startswith("error:")] == ["error: interrupted (SIGTERM)"]
+    assert "Traceback" not in stderr
+    assert list(temp.iterdir()) == [] and not (work / "data").exists()
+
+
+def test_unwritable_output_is_one_line(stage_dir, tiny_params):
+    write_params(stage_dir, merge(tiny_params, {"model": {"name": "a7_net"}}))
+    (stage_dir / "metrics").write_text("a file where the metrics directory should be")
+    result = run(["python", "stages/lr_find.py"], stage_dir, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: cannot access metrics"), result.stderr[-2000:]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_read_only_metrics_is_one_line(stage_dir, tiny_params):
+    (stage_dir / "metrics").mkdir()
+    (stage_dir / "metrics").chmod(0o555)
+    write_params(stage_dir, merge(tiny_params, {"model": {"name": "a7_net"}}))
+    result = run(["python", "stages/lr_find.py"], stage_dir, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "error: cannot access metrics" in result.stderr and "Permission denied" in result.stderr

@@ -70,8 +70,23 @@ def test_without_batchnorm_ddp_equals_single_process(stage_dir, tmp_path):
     assert difference < 1e-4
 
 
-def test_batch_size_must_divide_among_processes(stage_dir):
-    write_params(stage_dir, merge(_params(stage_dir), merge(RUN, {"train": {"batch_size": 63}})))
-    result = run(["torchrun", "--standalone", "--nproc_per_node=2", "stages/train.py"], stage_dir, check=False)
-    assert result.returncode != 0
-    assert "train.batch_size is 63; allowed: a multiple of the number of processes" in result.stderr
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_batch_size_must_divide_among_processes(stage_dir, nproc):
+    """The stage itself starts the processes (no torchrun): its one line is printed once, with no traceback."""
+    write_params(stage_dir, merge(_params(stage_dir), merge(RUN, {"train": {"batch_size": 64 + 1},
+                                                                   "runtime": {"nproc": nproc}})))
+    result = run(["python", "stages/train.py"], stage_dir, check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("error: train.batch_size is 65; allowed: a multiple of the number of processes "
+                                     f"(runtime.nproc = {nproc})")
+
+
+def test_a_failure_in_the_processes_is_printed_once(stage_dir):
+    """A failure every process of a 2-process run hits (here: the loss diverges) is one line, once."""
+    write_params(stage_dir, merge(_params(stage_dir), merge(RUN, {"train": {"max_lr": 1.0e4, "epochs": 1},
+                                                                   "runtime": {"nproc": 2}})))
+    result = run(["python", "stages/train.py"], stage_dir, check=False)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "training diverged" in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr

@@ -109,3 +109,45 @@ def test_a_copy_of_the_repo_imports_its_own_src(tmp_path, tiny_params):
     write_params(tmp_path, tiny_params)
     result = run(["python", "stages/download.py"], tmp_path)
     assert f"cifarlab imported from {tmp_path / 'src' / 'cifarlab' / '__init__.py'}" in result.stdout
+
+
+# The report's markdown and figures are git-tracked for GitHub to render; a `cache: false` plain
+# out keeps that one stage out of DVC's run-cache (it reruns in seconds).
+NOT_RUN_CACHED = {"report"}
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_stage_can_be_restored_from_the_run_cache(name):
+    """DVC saves a stage to its run-cache only if no out is `persist` and every `cache: false` out
+    is a stage-level metric or plot (dvc/stage/cache.py `_can_hash`, dvc/stage/__init__.py `run`)."""
+    if name in NOT_RUN_CACHED:
+        pytest.skip("reports/ is a git-tracked plain out on purpose")
+    outs = [next(iter(o.items())) if isinstance(o, dict) else (o, {}) for o in STAGES[name].get("outs", [])]
+    assert [path for path, flags in outs if flags.get("persist")] == []
+    assert [path for path, flags in outs if flags.get("cache") is False] == []
+
+
+def test_declared_metrics_are_only_what_a_user_compares():
+    """`dvc exp show` columns: the stage-level metrics files, nothing at top level."""
+    top = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    assert "metrics" not in top
+    declared = [next(iter(m)) if isinstance(m, dict) else m
+                for stage in STAGES.values() for m in stage.get("metrics", [])]
+    assert sorted(declared) == ["metrics/test.json", "metrics/training.json"]
+
+
+def test_cached_outputs_are_git_ignored_by_the_committed_gitignore():
+    """Every DVC-cached out is covered by a line of the root .gitignore that DVC never writes or
+    removes itself ("/data" is DVC's spelling; "/data/" is ours)."""
+    import subprocess
+
+    lines = set((REPO / ".gitignore").read_text().splitlines())
+    for stage in STAGES.values():
+        for out in stage.get("outs", []):
+            path, flags = next(iter(out.items())) if isinstance(out, dict) else (out, {})
+            if flags.get("cache", True):
+                if "/" not in path:      # DVC's own line for a top-level out, which it may delete
+                    assert f"/{path}" not in lines
+                result = subprocess.run(["git", "check-ignore", "--no-index", "-q", f"{path}/x" if "." not in
+                                         Path(path).name else path], cwd=REPO)
+                assert result.returncode == 0, f"{path} is not git-ignored"

@@ -187,3 +187,18 @@ def test_grad_cam_works_for_every_registered_model(name):
     assert model.training                                            # the caller's model is untouched
     assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
     assert grad_cam(model, images[:0], []).shape == (0, 32, 32)
+
+
+def test_declared_metrics_and_per_class_plot_repeat_the_full_record(tiny, plain):
+    """metrics/test.json (the `dvc exp show` columns) holds accuracy and loss, the TTA pair beside
+    them only when enabled; plots/per_class.csv is the per-class accuracy as a bar-plot table."""
+    for work, tta in ((tiny, True), (plain, False)):
+        full, declared = read_json(work / "metrics/evaluate.json"), read_json(work / "metrics/test.json")
+        expected = {"accuracy": full["accuracy"], "loss": full["loss"]}
+        if tta:
+            expected["tta_hflip"] = {key: full["tta_hflip"][key] for key in ("accuracy", "loss")}
+        assert declared == expected
+        with open(work / "plots/per_class.csv", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        assert [row["class"] for row in rows] == list(full["per_class_accuracy"])
+        assert [float(row["accuracy"]) for row in rows] == list(full["per_class_accuracy"].values())

@@ -103,3 +103,35 @@ def test_round_trip_through_yaml(default_params, tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(default_params))
     assert load_params(path).to_dict() == parse_params(default_params).to_dict()
+
+
+# --- read exactly as DVC reads params.yaml (ruamel.yaml, YAML 1.2), image-side limits ---------------
+
+def test_unquoted_exponent_is_a_float_as_dvc_reads_it(default_params, tmp_path):
+    from dvc.utils.serialize import parse_yaml
+
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(default_params).replace("max_lr: 0.0017", "max_lr: 1e-3"))
+    assert "max_lr: 1e-3" in path.read_text()
+    assert load_params(path).train.max_lr == 0.001
+    assert parse_yaml(path.read_text(), str(path))["train"]["max_lr"] == 0.001     # DVC's own reading
+
+
+def test_duplicate_key_is_refused_like_dvc(default_params, tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(default_params).replace("  epochs: 24\n", "  epochs: 24\n  epochs: 3\n", 1))
+    with pytest.raises(ParamsError) as err:
+        load_params(path)
+    text = str(err.value)
+    assert "\n" not in text and "the key `epochs` appears twice" in text and "DVC refuses duplicate keys" in text
+
+
+@pytest.mark.parametrize("key,value", [("cutout_size", 64), ("cutout_size", 33), ("pad", 40)])
+def test_augment_sizes_above_the_image_side_are_refused(default_params, key, value):
+    text = message(merge(default_params, {"augment": {key: value}}))
+    assert f"`augment.{key}` is {value}; allowed: 0..32" in text
+
+
+@pytest.mark.parametrize("key", ["cutout_size", "pad"])
+def test_augment_sizes_up_to_the_image_side_are_accepted(default_params, key):
+    assert getattr(parse_params(merge(default_params, {"augment": {key: 32}})).augment, key) == 32

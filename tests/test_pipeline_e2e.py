@@ -13,8 +13,8 @@ from conftest import REPO, TINY, merge, run, write_params
 
 pytestmark = pytest.mark.e2e
 
-COPIED = ("dvc.yaml", "params.yaml", "conf", "stages", "src", "pyproject.toml", ".dvc/config", ".dvcignore",
-          ".gitignore")
+COPIED = ("dvc.yaml", "params.yaml", "conf", "stages", "src", "pyproject.toml", ".dvc/config", ".dvc/plots",
+          ".dvcignore", ".gitignore")
 OVERRIDE_CONFIG = "test_overrides"   # conf/test_overrides.yaml in the temporary repo
 
 
@@ -61,7 +61,7 @@ def declared_outputs(work: Path) -> list[Path]:
     stages = yaml.safe_load((work / "dvc.yaml").read_text())["stages"]
     outs = []
     for stage in stages.values():
-        for out in stage.get("outs", []):
+        for out in [*stage.get("outs", []), *stage.get("metrics", []), *stage.get("plots", [])]:
             outs.append(work / (next(iter(out)) if isinstance(out, dict) else out))
     return outs
 

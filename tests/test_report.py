@@ -111,11 +111,15 @@ def test_report_is_declared_from_the_other_stages_outputs_only():
             paths.TRAIN_LIVE_DIR, paths.LR_SCHEDULE, paths.CONFUSION, paths.CHECKPOINT, *COPIED_FIGURES]
     assert {p.as_posix() for p in read} <= deps
     outs = {next(iter(out)) if isinstance(out, dict) else out
-            for name, stage in stages.items() if name != "report" for out in stage.get("outs", [])}
+            for name, stage in stages.items() if name != "report"
+            for kind in ("outs", "metrics", "plots") for out in stage.get(kind, [])}
     for dep in deps:
         assert dep in outs or dep.startswith(("src/", "stages/")), dep
     assert report["params"] == ["report"]
+    # every figure is a DVC plot: a top-level entry or a stage-level `plots:` out
     plots = {entry for entry in yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"] if isinstance(entry, str)}
+    plots |= {next(iter(out)) if isinstance(out, dict) else out for stage in stages.values()
+              for out in stage.get("plots", [])}
     assert {p.as_posix() for p in COPIED_FIGURES} | {"reports/figures/lr_find.png"} <= plots
 
 

@@ -75,10 +75,9 @@ def test_queued_experiments_run_in_parallel_and_show_up(baseline, monkeypatch):
     for lr in QUEUED_LRS:
         data = rows[f"lr-{lr}"]
         assert data["params"]["params.yaml"]["data"]["train"]["max_lr"] == lr
-        evaluation = data["metrics"]["metrics/evaluate.json"]["data"]
-        assert evaluation["test_images"] == TINY_RUN["data"]["synthetic_test_size"]
-        speed = data["metrics"]["metrics/train_speed.json"]["data"]
-        assert speed["images_per_second"] > 0
+        assert 0.0 <= data["metrics"]["metrics/test.json"]["data"]["accuracy"] <= 1.0
+        training = data["metrics"]["metrics/training.json"]["data"]
+        assert training["images_per_second"] > 0 and training["max_lr"] == lr
 
 
 def test_remote_push_then_a_fresh_clone_pulls_and_has_nothing_to_run(baseline, tmp_path):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from cifarlab.engine import DivergenceGuard, TrainingDiverged
 from conftest import merge, run, tool_env, write_params
@@ -38,6 +39,25 @@ def outputs(work: Path) -> tuple[dict, dict]:
     metrics = json.loads((work / "metrics/train/metrics.json").read_text())
     weights = torch.load(work / "models/model.pt", weights_only=False)["state_dict"]
     return metrics, weights
+
+
+def state_files(work: Path) -> list[Path]:
+    """The resume states train keeps under .cache/train/ (one per run fingerprint)."""
+    return sorted((work / ".cache/train").glob("*.pt"))
+
+
+def wait_for_state(work: Path, process: subprocess.Popen, epoch: int = 1, timeout: float = 300) -> None:
+    """Until a state holding at least `epoch` complete epochs is saved (or the process ends)."""
+    deadline = time.time() + timeout
+    while process.poll() is None and time.time() < deadline:
+        files = state_files(work)
+        if files:
+            try:
+                if torch.load(files[0], weights_only=False)["epoch"] >= epoch:
+                    return
+            except Exception:      # being replaced right now
+                pass
+        time.sleep(0.05)
 
 
 def assert_same_weights(a: dict, b: dict) -> None:
@@ -84,8 +104,8 @@ def test_sane_max_lr_trains_and_keeps_the_last_epoch(stage_dir):
     train_in(stage_dir, FAST)
     metrics, _ = outputs(stage_dir)
     assert metrics["epochs"] == 3 and metrics["step"] == 3
-    state = torch.load(stage_dir / "models/train_state.pt", weights_only=False)
-    assert state["epoch"] == 3 and len(state["history"]["train/loss"]) == 3
+    assert state_files(stage_dir) == []            # a completed run leaves no resume state: a rerun starts over
+    assert "no saved state, starting fresh" in train_in(stage_dir).stdout
     tsv = (stage_dir / "metrics/train/plots/metrics/train/loss.tsv").read_text().splitlines()
     assert [line.split("\t")[0] for line in tsv[1:]] == ["1", "2", "3"]
 
@@ -102,7 +122,8 @@ def reference(stage_dir, tmp_path):
 def fresh_copy(stage_dir: Path, tmp_path: Path, name: str) -> Path:
     import shutil
     other = tmp_path / name
-    shutil.copytree(stage_dir, other, ignore=shutil.ignore_patterns("models", "metrics", "plots"))
+    outputs_ = {"models", "metrics", "plots", ".cache"}       # the run's outputs, at the top level only
+    shutil.copytree(stage_dir, other, ignore=lambda d, names: outputs_ & set(names) if Path(d) == stage_dir else [])
     return other
 
 
@@ -113,19 +134,21 @@ def test_same_params_give_identical_metrics_and_weights(stage_dir, reference, tm
     assert metrics == reference[0]
     assert_same_weights(weights, reference[1])
     assert (again / "plots/lr_schedule.csv").read_text() == (stage_dir / "plots/lr_schedule.csv").read_text()
+    # Byte for byte, as DVC hashes it: else evaluate and report rerun and no run-cache entry matches.
+    import hashlib
+    md5 = [hashlib.md5((work / "models/model.pt").read_bytes()).hexdigest() for work in (again, stage_dir)]
+    assert md5[0] == md5[1]
 
 
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(stage_dir, reference, tmp_path):
     work = fresh_copy(stage_dir, tmp_path, "killed")
-    state = work / "models/train_state.pt"
     process = subprocess.Popen([sys.executable, "stages/train.py"], cwd=work, env=tool_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not state.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
+    wait_for_state(work, process)
     time.sleep(0.3)                      # into epoch 2
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
+    [state] = state_files(work)
     assert torch.load(state, weights_only=False)["epoch"] in (1, 2)
     assert not (work / "models/model.pt").exists()
 
@@ -136,35 +159,68 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(stage_dir, referenc
     assert_same_weights(weights, reference[1])
     tsv = (work / "metrics/train/plots/metrics/test/accuracy.tsv").read_text().splitlines()
     assert [line.split("\t")[0] for line in tsv[1:]] == ["1", "2", "3"]   # no duplicated or missing epochs
+    assert state_files(work) == []
 
 
-def test_a_different_run_never_resumes(stage_dir, reference):
-    result = train_in(stage_dir, {"train": {"max_lr": 0.005}})
-    assert "from a different run" in result.stdout and "starting fresh" in result.stdout
-    assert outputs(stage_dir)[0]["max_lr"] == 0.005
+def fingerprint_of(work: Path, raw: dict, monkeypatch) -> str:
+    from cifarlab.engine import select_runtime
+    from cifarlab.params import parse_params
+    from cifarlab.trainer import resolve_max_lr, run_fingerprint
+
+    monkeypatch.chdir(work)
+    params = parse_params(raw)
+    return run_fingerprint(params, select_runtime(params.runtime), resolve_max_lr(params.train.max_lr))
 
 
-def test_unreadable_state_starts_fresh(stage_dir):
-    (stage_dir / "models").mkdir()
-    (stage_dir / "models/train_state.pt").write_bytes(b"not a checkpoint")
-    result = train_in(stage_dir, FAST)
+def test_a_different_run_never_resumes(stage_dir, monkeypatch):
+    """A state left by another run (other params, data or code: another fingerprint) is not resumed."""
+    write_params(stage_dir, merge(_params(stage_dir), FAST))
+    other = fingerprint_of(stage_dir, merge(_params(stage_dir), {"train": {"max_lr": 0.005}}), monkeypatch)
+    (stage_dir / ".cache/train").mkdir(parents=True)
+    torch.save({"fingerprint": other, "epoch": 2}, stage_dir / f".cache/train/{other}.pt")
+    result = train_in(stage_dir)
+    assert "is from a different run" in result.stdout and "starting fresh" in result.stdout
+    assert outputs(stage_dir)[0]["max_lr"] == 0.01
+    assert state_files(stage_dir) == [stage_dir / f".cache/train/{other}.pt"]   # another run's state is kept
+
+
+def test_unreadable_state_starts_fresh(stage_dir, monkeypatch):
+    write_params(stage_dir, merge(_params(stage_dir), FAST))
+    fingerprint = fingerprint_of(stage_dir, _params(stage_dir), monkeypatch)
+    (stage_dir / ".cache/train").mkdir(parents=True)
+    (stage_dir / f".cache/train/{fingerprint}.pt").write_bytes(b"not a checkpoint")
+    result = train_in(stage_dir)
     assert "is unreadable" in result.stdout and "starting fresh" in result.stdout
+    assert state_files(stage_dir) == []
 
 
 def test_ctrl_c_saves_the_last_complete_epoch(stage_dir):
     write_params(stage_dir, merge(_params(stage_dir), merge(FAST, {"train": {"epochs": 6}})))
-    state = stage_dir / "models/train_state.pt"
     process = subprocess.Popen([sys.executable, "stages/train.py"], cwd=stage_dir, env=tool_env(),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not state.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
+    wait_for_state(stage_dir, process)
     time.sleep(0.3)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130
-    assert "interrupted during epoch" in stderr and "rerun to resume" in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "interrupted during epoch" in errors[0] and "rerun to resume" in errors[0]
+    assert "Traceback" not in stderr
+    [state] = state_files(stage_dir)
     assert torch.load(state, weights_only=False)["epoch"] >= 1
+
+
+def test_sigterm_stops_like_ctrl_c(stage_dir):
+    write_params(stage_dir, merge(_params(stage_dir), merge(FAST, {"train": {"epochs": 6}})))
+    process = subprocess.Popen([sys.executable, "stages/train.py"], cwd=stage_dir, env=tool_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_state(stage_dir, process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "interrupted (SIGTERM) during epoch" in errors[0], stderr
+    assert "Traceback" not in stderr and "rerun to resume" in errors[0]
 
 
 # --- clear errors -----------------------------------------------------------------------------------
@@ -197,8 +253,29 @@ def test_fingerprint_depends_on_code_data_and_params(stage_dir, monkeypatch):
     assert run_fingerprint(params, runtime, 0.02) != base
     changed = parse_params(merge(_params(stage_dir), {"augment": {"hflip": 0.0}}))
     assert run_fingerprint(changed, runtime, 0.01) != base
+    # code: exactly the files dvc.yaml lists as train's deps (one list for DVC and for resuming)
+    for module in ("report.py", "plots.py", "gradcam.py"):             # not train's deps: the state survives
+        with open(stage_dir / "src/cifarlab" / module, "a") as handle:
+            handle.write("\n# an edit train does not depend on\n")
+    assert run_fingerprint(params, runtime, 0.01) == base
+    with open(stage_dir / "src/cifarlab/trainer.py", "a") as handle:  # a train dep: a different run
+        handle.write("\n# an edit train depends on\n")
+    changed_code = run_fingerprint(params, runtime, 0.01)
+    assert changed_code != base
     (stage_dir / "data/meta.json").write_text((stage_dir / "data/meta.json").read_text() + " ")
-    assert run_fingerprint(params, runtime, 0.01) != base
+    assert run_fingerprint(params, runtime, 0.01) not in (base, changed_code)
+
+
+def test_fingerprint_files_are_the_train_stage_deps(stage_dir):
+    from cifarlab.trainer import train_deps
+
+    stages = yaml.safe_load((stage_dir / "dvc.yaml").read_text())["stages"]
+    assert train_deps(stage_dir) == [next(iter(d)) if isinstance(d, dict) else d for d in stages["train"]["deps"]]
+    assert "src/cifarlab/report.py" not in train_deps(stage_dir)
+    (stage_dir / "dvc.yaml").unlink()
+    result = train_in(stage_dir, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "cannot read the train stage's deps from dvc.yaml" in result.stderr
 
 
 # --- runtime.compile ------------------------------------------------------------------------------

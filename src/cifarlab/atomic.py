@@ -14,6 +14,25 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where the OS allows (Linux: /proc)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)   # elsewhere reading it means setting it: set it straight back
+    os.umask(mask)
+    return mask
+
+
+def _as_created(path: Path, directory: bool = False) -> None:
+    """Give a temporary file or directory the mode an ordinary `open`/`mkdir` would have given it.
+
+    `tempfile.mkstemp`/`mkdtemp` create 0600/0700 (private), and the rename keeps that mode: without
+    this, a second user or a shared filesystem could not read the results."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path in the target's directory; on success rename it to `target`."""
@@ -22,11 +41,17 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    _as_created(tmp_path)
     try:
         yield tmp_path
         os.replace(tmp_path, target)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def write_bytes(target: str | Path, data: bytes) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
 
 
 def write_text(target: str | Path, text: str) -> None:
@@ -53,6 +78,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    _as_created(tmp, directory=True)
     try:
         yield tmp
         if target.exists():

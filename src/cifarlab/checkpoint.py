@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cifarlab.atomic import atomic_path
+from cifarlab.atomic import write_bytes
 from cifarlab.engine import Classifier
 from cifarlab.errors import CifarlabError
 
 
 def save_checkpoint(path: str | Path, model: Classifier, **info: Any) -> None:
+    """Equal weights and info give equal bytes: `torch.save` to a file writes that file's name
+    (here the random temporary name) into the archive, so it saves to a buffer, whose archive name
+    is fixed, and the bytes are written atomically. DVC then sees the same model as the same file."""
     state = {"arch": model.arch, "state_dict": model.state_dict(), **info}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_bytes(path, buffer.getvalue())
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[Classifier, dict]:

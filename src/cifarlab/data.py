@@ -26,6 +26,8 @@ from tqdm import tqdm
 
 from cifarlab.atomic import atomic_dir
 from cifarlab.errors import CifarlabError
+from cifarlab.lifetime import worker_init
+from cifarlab.params import IMAGE_SIDE
 
 # Per-channel statistics of the CIFAR-10 training split (pixel values scaled to [0, 1]).
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -103,15 +105,23 @@ def _read_batches(tar: tarfile.TarFile, names: list[str]) -> Split:
     return Split(np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels))
 
 
-def read_cifar10_tarball(path: Path) -> Dataset:
-    """Convert the official python-version tarball into uint8 arrays, checking the split sizes."""
+def read_cifar10_tarball(path: Path, origin: Optional[str] = None) -> Dataset:
+    """Convert the official python-version tarball into uint8 arrays, checking the split sizes.
+
+    `origin` (the URL it was downloaded from) is what error messages name instead of `path`, a
+    temporary file the user never sees."""
     try:
         with tarfile.open(path, "r:gz") as tar:
             train = _read_batches(tar, [f"data_batch_{i}" for i in range(1, 6)])
             test = _read_batches(tar, ["test_batch"])
             meta = _unpickle(tar, "cifar-10-batches-py/batches.meta")
-    except (tarfile.TarError, EOFError, OSError, pickle.UnpicklingError) as err:
-        raise DataError(f"{path} is not a readable CIFAR-10 python tarball: {err}") from None
+    except (tarfile.TarError, EOFError, OSError, pickle.UnpicklingError, ValueError) as err:
+        detail = str(err).replace(str(path), "the file") or type(err).__name__
+        if origin is None:
+            raise DataError(f"{path} is not a readable CIFAR-10 python tarball: {detail}") from None
+        raise DataError(f"the download from {origin} is not a readable CIFAR-10 python tarball ({detail}); "
+                        f"set data.url to the python-version tarball (cifar-10-python.tar.gz) and data.md5 "
+                        f"to its md5") from None
     classes = tuple(name.decode() for name in meta[b"label_names"])
     if (len(train), len(test)) != (CIFAR10_TRAIN_SIZE, CIFAR10_TEST_SIZE):
         raise DataError(f"CIFAR-10 tarball has {len(train)} train / {len(test)} test images, "
@@ -169,22 +179,78 @@ def save_dataset(dataset: Dataset, data_dir: str | Path, extra_meta: Optional[di
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def load_dataset(data_dir: str | Path = "data") -> Dataset:
-    data_dir = Path(data_dir)
+RESTORE = "restore it with `dvc checkout data` (or regenerate it with `dvc repro download`)"
+
+
+def _bad(path: Path, problem: str) -> DataError:
+    return DataError(f"{path} {problem}: not the data the download stage wrote; {RESTORE}")
+
+
+def _read_meta(data_dir: Path) -> dict:
+    path = data_dir / "meta.json"
     try:
-        meta = json.loads((data_dir / "meta.json").read_text())
-        splits = {}
-        for name in ("train", "test"):
-            with np.load(data_dir / f"{name}.npz") as arrays:
-                splits[name] = Split(arrays["images"], arrays["labels"].astype(np.int64))
-    except (OSError, ValueError, KeyError) as err:
-        raise DataError(f"cannot read the dataset in {data_dir}/ ({err}); run `dvc repro download`") from None
-    dataset = Dataset(splits["train"], splits["test"], tuple(meta["classes"]), meta["source"])
-    expected_test = CIFAR10_TEST_SIZE if dataset.source == "cifar10" else meta["test_size"]
-    if len(dataset.test) != expected_test:
-        raise DataError(f"{data_dir}/test.npz holds {len(dataset.test)} images, expected {expected_test} "
-                        f"for source {dataset.source}")
-    return dataset
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path} does not exist; run `dvc repro download` (or `dvc checkout data`)") from None
+    except (OSError, ValueError) as err:
+        raise _bad(path, f"is unreadable ({type(err).__name__}: {str(err)[:80]})") from None
+    if not isinstance(meta, dict):
+        raise _bad(path, "is not a JSON object")
+    classes = meta.get("classes")
+    if not (isinstance(classes, list) and len(classes) >= 2 and len(set(classes)) == len(classes)
+            and all(isinstance(c, str) and c.strip() for c in classes)):
+        raise _bad(path, f"has classes {str(classes)[:80]}; allowed: a list of at least 2 distinct class names")
+    if meta.get("source") not in ("cifar10", "synthetic"):
+        raise _bad(path, f"has source {meta.get('source')!r}; allowed: cifar10, synthetic")
+    if meta["source"] == "cifar10" and tuple(classes) != CIFAR10_CLASSES:
+        raise _bad(path, f"has classes {classes}; allowed for source cifar10: {', '.join(CIFAR10_CLASSES)}")
+    for key in ("train_size", "test_size"):
+        if isinstance(meta.get(key), bool) or not isinstance(meta.get(key), int) or meta[key] < 1:
+            raise _bad(path, f"has {key} {meta.get(key)!r}; allowed: a whole number >= 1")
+    return meta
+
+
+def _read_split(path: Path, size: int, num_classes: int) -> Split:
+    if not path.exists():
+        raise DataError(f"{path} does not exist; {RESTORE}")
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            missing = [name for name in ("images", "labels") if name not in arrays.files]
+            if missing:
+                raise _bad(path, f"has no array {missing[0]!r} (allowed: an .npz with `images` and `labels`)")
+            images, labels = arrays["images"], arrays["labels"]
+    except DataError:
+        raise
+    except Exception:  # random bytes, a truncated zip, a pickle: numpy raises several types, none says more
+        raise _bad(path, "is not a readable .npz of `images` and `labels` arrays") from None
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE, 3):
+        raise _bad(path, f"holds images of shape {'x'.join(map(str, images.shape))} {images.dtype}; allowed: "
+                         f"N x {IMAGE_SIDE} x {IMAGE_SIDE} x 3 uint8")
+    if labels.ndim != 1 or len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer):
+        raise _bad(path, f"holds labels of shape {'x'.join(map(str, labels.shape))} {labels.dtype} for "
+                         f"{len(images)} images; allowed: {len(images)} whole numbers")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = labels[(labels < 0) | (labels >= num_classes)]
+        raise _bad(path, f"holds {len(bad)} labels outside 0..{num_classes - 1} (e.g. {int(bad[0])}); "
+                         f"allowed: 0..{num_classes - 1}, one per class in meta.json")
+    if len(images) != size:
+        raise _bad(path, f"holds {len(images)} images; meta.json says {size}")
+    return Split(images, labels.astype(np.int64))
+
+
+def load_dataset(data_dir: str | Path = "data") -> Dataset:
+    """Read data/ and check it is what the download stage wrote: meta.json (source, distinct class
+    names, split sizes) and each split's images (N x 32 x 32 x 3 uint8) and labels (in range).
+    Anything else is a one-line DataError that says what is wrong and how to restore the data."""
+    data_dir = Path(data_dir)
+    meta = _read_meta(data_dir)
+    if meta["source"] == "cifar10" and (meta["train_size"], meta["test_size"]) != (CIFAR10_TRAIN_SIZE,
+                                                                                    CIFAR10_TEST_SIZE):
+        raise DataError(f"{data_dir}/meta.json says {meta['train_size']} train / {meta['test_size']} test images; "
+                        f"CIFAR-10 has {CIFAR10_TRAIN_SIZE} / {CIFAR10_TEST_SIZE}; {RESTORE}")
+    splits = {name: _read_split(data_dir / f"{name}.npz", meta[f"{name}_size"], len(meta["classes"]))
+              for name in ("train", "test")}
+    return Dataset(splits["train"], splits["test"], tuple(meta["classes"]), meta["source"])
 
 
 # --- in memory ----------------------------------------------------------------------------------
@@ -274,7 +340,7 @@ class EpochLoader:
         return torch.utils.data.DataLoader(
             self.dataset, batch_sampler=self.sampler, num_workers=self.num_workers,
             pin_memory=self.pin_memory, prefetch_factor=4 if self.num_workers else None,
-            persistent_workers=False)
+            persistent_workers=False, worker_init_fn=worker_init)   # workers die with this process
 
 
 def iterate_batches(split: Split, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -1,20 +1,37 @@
-"""Distributed data parallel training under `torchrun`.
+"""Distributed data parallel training: one process per device, started by the train stage itself.
 
-The train stage's command is `torchrun --standalone --nproc_per_node=${runtime.nproc} ...`
-(dvc.yaml templates it from params). With one process nothing here does anything; with several,
-each process trains on its contiguous share of every global batch (`data.GlobalBatchSampler`),
+`python stages/train.py` with `runtime.nproc: 1` trains in its own process. With `runtime.nproc: N > 1`
+it becomes a small launcher (`launch`): it starts N copies of itself on this machine with the
+environment torchrun would give them (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT), each of
+which dies with the launcher (`lifetime.die_with_parent`), forwards Ctrl-C/SIGTERM to them, and
+prints a failure's one line once (the processes leave it in a file instead of printing it). A
+process started by torchrun itself (several machines) sees WORLD_SIZE and simply joins the group.
+
+Each process trains on its contiguous share of every global batch (`data.GlobalBatchSampler`),
 gradients are averaged by DistributedDataParallel, and only rank 0 evaluates and writes files.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
-from cifarlab.errors import CifarlabError
+from cifarlab.errors import ERROR_FILE_ENV, CifarlabError
+from cifarlab.lifetime import LAUNCHER_PID_ENV, signal_name
+
+FAILURE_GRACE_S = 5.0      # after one process fails, how long the others get to stop on their own
+INTERRUPT_GRACE_S = 15.0   # after Ctrl-C/SIGTERM, how long the processes get to save and stop
 
 
 @dataclass(frozen=True)
@@ -30,6 +47,103 @@ class Distributed:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def launched() -> bool:
+    """True in a process of a distributed run (started by `launch` or by torchrun)."""
+    return "WORLD_SIZE" in os.environ
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(nproc: int, script: str) -> None:
+    """Run `python script` as `nproc` processes of one DDP run on this machine, and wait for them.
+
+    Raises CifarlabError with the run's one line if any process fails: rank 0's line if it left
+    one, else the first failing process's. Ctrl-C or SIGTERM of the launcher reaches every process
+    (each saves nothing half-written and stops); a process that does not stop is killed. The
+    processes die with the launcher, so killing it (even with SIGKILL) leaves none behind.
+    """
+    work = Path(tempfile.mkdtemp(prefix="cifarlab-ddp-"))
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(nproc),
+               LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0", ROLE_RANK="0", ROLE_WORLD_SIZE=str(nproc),
+               TORCHELASTIC_RUN_ID="cifarlab", **{LAUNCHER_PID_ENV: str(os.getpid())})
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    stopped: list[int] = []
+
+    def forward(signum, frame) -> None:       # Ctrl-C reaches the whole group; `kill` only us: forward it
+        stopped.append(signum)
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signum)
+
+    processes: list[subprocess.Popen] = []
+    logs = []
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for rank in range(nproc):
+            rank_env = dict(env, RANK=str(rank), LOCAL_RANK=str(rank), ROLE_RANK=str(rank),
+                            **{ERROR_FILE_ENV: str(work / f"rank{rank}.error")})
+            log = None if rank == 0 else open(work / f"rank{rank}.log", "wb")   # rank 0 alone talks
+            logs.append(log)
+            processes.append(subprocess.Popen([sys.executable, script], env=rank_env, stdout=log,
+                                              stderr=subprocess.STDOUT if log else None))
+        first_failed: Optional[int] = None
+        deadline: Optional[float] = None       # when the processes still running get killed
+        while any(p.poll() is None for p in processes):
+            if first_failed is None:
+                first_failed = next((r for r, p in enumerate(processes) if p.poll() not in (None, 0)), None)
+                if first_failed is not None:
+                    deadline = time.monotonic() + FAILURE_GRACE_S
+            if stopped and deadline is None:
+                deadline = time.monotonic() + INTERRUPT_GRACE_S
+            if deadline is not None and time.monotonic() > deadline:
+                for process in processes:
+                    if process.poll() is None:
+                        process.kill()
+            time.sleep(0.05)
+        codes = [p.wait() for p in processes]
+        if first_failed is None:
+            first_failed = next((rank for rank, code in enumerate(codes) if code != 0), None)
+        if first_failed is None:
+            return                              # every process finished the run
+        messages = {rank: (work / f"rank{rank}.error").read_text() for rank in range(nproc)
+                    if (work / f"rank{rank}.error").exists()}
+        if 0 in messages:
+            message, code = messages[0], codes[0] if codes[0] > 0 else 1
+        elif messages:
+            rank = first_failed if first_failed in messages else min(messages)
+            message, code = messages[rank], codes[rank] if codes[rank] > 0 else 1
+        elif stopped:
+            message, code = f"interrupted ({signal_name(stopped[0])})", 128 + stopped[0]
+        else:
+            rank, code = first_failed, codes[first_failed]
+            if rank:
+                tail = (work / f"rank{rank}.log").read_text(errors="replace").splitlines()[-30:]
+                print("\n".join(tail), file=sys.stderr)
+            how = f"was killed by {signal_name(-code)}" if code < 0 else f"exited with {code}"
+            message, code = (f"training process {rank} of {nproc} {how} (its output is above)",
+                             code if code > 0 else 1)
+        error = CifarlabError(message)
+        error.exit_code = code
+        raise error
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        for log in logs:
+            if log is not None:
+                log.close()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for path in work.iterdir():
+            path.unlink()
+        work.rmdir()
 
 
 def init_distributed(device_type: str) -> Distributed:
@@ -65,6 +179,15 @@ def any_process(flag: torch.Tensor) -> bool:
         flag = flag.to(torch.int32).clone()
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag)
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """Every process's `value`, in rank order (a collective: every process must call it)."""
+    if not dist.is_available() or not dist.is_initialized():
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def barrier() -> None:

@@ -3,6 +3,10 @@
 Every key is declared here with its type and allowed values. Loading rejects unknown keys (with a
 did-you-mean suggestion), wrong types and out-of-range values with one line that names the key,
 so a typo such as `train.max_lrr` stops a stage instead of being silently ignored.
+
+params.yaml is parsed exactly as DVC parses it (`dvc.utils.serialize.parse_yaml`: ruamel.yaml,
+`typ="safe"`, YAML 1.2), so `1e-3` is the float 0.001 (PyYAML's YAML 1.1 would read the string
+'1e-3'), `yes` is a string, and a key given twice in one mapping is refused, as DVC refuses it.
 """
 
 from __future__ import annotations
@@ -10,11 +14,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Union
 
-import yaml
+from ruamel.yaml import YAML
+from ruamel.yaml.constructor import DuplicateKeyError
+from ruamel.yaml.error import YAMLError
 
 from cifarlab import lr_rules
 from cifarlab.errors import CifarlabError
@@ -22,6 +29,9 @@ from cifarlab.errors import CifarlabError
 
 class ParamsError(CifarlabError):
     """params.yaml is unreadable or a key is unknown, mistyped or out of range."""
+
+
+IMAGE_SIDE = 32     # CIFAR-10 and the synthetic set: 32 x 32 pixel images (the data files are checked for it)
 
 
 # --- checks: each returns the normalised value or raises ValueError("what is allowed") ---------
@@ -271,6 +281,9 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         dotted = f"{prefix}.{name}" if prefix else name
         if name not in raw:
             raise ParamsError(f"params key `{dotted}` is missing")
+        if raw[name] == "???":
+            raise ParamsError(f"params key `{dotted}` has no value (`???`): it is part of an assignment's recipe, "
+                              f"which every preset sets; set it in conf/preset/<name>.yaml or with -S {dotted}=...")
         if "check" in f.metadata:
             try:
                 values[name] = f.metadata["check"](raw[name])
@@ -290,6 +303,11 @@ def _check_across_sections(params: Params) -> None:
         raise ParamsError(
             f"params key `lr_find.end_lr` is {params.lr_find.end_lr:g}; allowed: a number > lr_find.start_lr "
             f"({params.lr_find.start_lr:g})")
+    for name in ("pad", "cutout_size"):
+        value = getattr(params.augment, name)
+        if value > IMAGE_SIDE:
+            raise ParamsError(f"params key `augment.{name}` is {value}; allowed: 0..{IMAGE_SIDE} "
+                              f"(at most the image side, {IMAGE_SIDE} pixels)")
     if params.data.source == "synthetic" and train.batch_size > params.data.synthetic_train_size:
         raise ParamsError(
             f"params key `train.batch_size` is {train.batch_size}; allowed: at most the training split size "
@@ -303,17 +321,28 @@ def parse_params(raw: Any) -> Params:
     return params
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate params.yaml; any problem is a ParamsError naming the key."""
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file read exactly as DVC reads params.yaml and dvc.yaml (ruamel.yaml, safe, YAML 1.2;
+    duplicate keys refused); any problem is a one-line ParamsError naming the file and line."""
     path = Path(path)
     try:
         text_ = path.read_text()
     except OSError as err:
         raise ParamsError(f"cannot read {path}: {err.strerror}") from None
     try:
-        raw = yaml.safe_load(text_)
-    except yaml.YAMLError as err:
+        return YAML(typ="safe").load(text_)
+    except DuplicateKeyError as err:
+        found = re.search(r'found duplicate key "(.*?)"', str(err.problem))
+        where = err.problem_mark.line + 1 if err.problem_mark is not None else "?"
+        raise ParamsError(f"{path} line {where}: the key `{found.group(1) if found else '?'}` appears twice in the "
+                          f"same mapping; allowed: each key once (DVC refuses duplicate keys)") from None
+    except YAMLError as err:
         where = getattr(err, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""
-        raise ParamsError(f"{path} is not valid YAML{line}: {getattr(err, 'problem', err)}") from None
-    return parse_params(raw)
+        problem = getattr(err, "problem", None) or str(err).strip().splitlines()[-1]
+        raise ParamsError(f"{path} is not valid YAML{line}: {problem}") from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; any problem is a ParamsError naming the key."""
+    return parse_params(read_yaml(path))

@@ -9,12 +9,16 @@ LR_FIND_CURVE = Path("plots/lr_find.csv")           # lr, loss
 
 TRAIN_LIVE_DIR = Path("metrics/train")              # dvclive: metrics.json + per-epoch plots
 TRAIN_SPEED = Path("metrics/train_speed.json")      # images/s and epoch seconds, apart from learning metrics
+TRAIN_SUMMARY = Path("metrics/training.json")      # declared metrics: max LR used, epochs, images/s, minutes
 LR_SCHEDULE = Path("plots/lr_schedule.csv")         # step, lr actually used for every batch
 CHECKPOINT = Path("models/model.pt")
-TRAIN_STATE = Path("models/train_state.pt")         # persisted full state after every epoch, for resume
+TRAIN_STATE_DIR = Path(".cache/train")              # <run fingerprint>.pt: full state after every epoch, for
+                                                    # resume; dvcignored, git-ignored, deleted when the run completes
 
 EVAL_METRICS = Path("metrics/evaluate.json")        # test accuracy/loss (+ TTA beside them), per-class accuracy
 EVAL_RUN = Path("metrics/evaluate_run.json")        # evaluate's wall times, runtime, params and gallery sizes
+TEST_SUMMARY = Path("metrics/test.json")             # declared metrics: test accuracy and loss (+ TTA)
+PER_CLASS = Path("plots/per_class.csv")             # class, accuracy: a bar per class and revision
 CONFUSION = Path("plots/confusion.csv")             # actual, predicted per test image
 CONFUSION_FIGURE = Path("plots/confusion.png")
 PER_CLASS_FIGURE = Path("plots/per_class.png")

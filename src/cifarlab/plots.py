@@ -125,8 +125,17 @@ def gallery_figure(images: np.ndarray, titles: Sequence[str], title: str, column
     for ax, image, caption in zip(axes.flat, images, titles):
         ax.imshow(image, interpolation="nearest")
         ax.set_title(caption, fontsize=8)
-    fig.suptitle(title)
+    _wrapped_suptitle(fig, title)
     return fig
+
+
+def _wrapped_suptitle(fig, title: str) -> None:
+    """A figure title broken into lines that fit the figure: a figure of two images is narrower
+    than its one-line title, which was cut at both edges."""
+    import textwrap
+
+    chars = max(24, int(fig.get_figwidth() * 8.5))   # about 8.5 characters per inch at 12 pt
+    fig.suptitle("\n".join(textwrap.wrap(title, chars)) or title)
 
 
 def per_class_figure(accuracy: Mapping[str, float], overall: float, title: str):
@@ -181,5 +190,5 @@ def gradcam_figure(images: np.ndarray, predicted_cams: np.ndarray, true_cams: np
     scale = matplotlib.cm.ScalarMappable(matplotlib.colors.Normalize(0, 1), cmap="jet")
     fig.colorbar(scale, ax=axes, shrink=min(0.5, 1.5 / blocks),
                  label="Grad-CAM, overlaid at 50% (1 = most evidence for the class)")
-    fig.suptitle(title)
+    _wrapped_suptitle(fig, title)
     return fig

@@ -3,10 +3,12 @@
 The test split is measured after every epoch for the curves only; nothing is selected or stopped
 on it, and the saved model is the last epoch's.
 
-After every epoch the full training state (model, optimizer, scheduler, scaler, RNG states, guard,
-logged history) is saved to `models/train_state.pt`, a DVC `persist` out. A rerun after an
-interruption resumes from it when its fingerprint (the params train reads, the resolved max LR and
-runtime, the data and the code) matches; otherwise it starts fresh and says why.
+After every epoch the full training state (model, optimizer, scheduler, scaler, every process's RNG
+states and guard, logged history) is saved to `.cache/train/<fingerprint>.pt`: outside DVC's outs
+(dvcignored and git-ignored), keyed by the run fingerprint (the params train reads, the resolved max
+LR and runtime, and every file dvc.yaml lists as a train dep: data and code), and deleted when the
+run completes. So a rerun after an interruption resumes from the last complete epoch, a rerun after
+a completed run (`dvc repro -f` included) starts over, and DVC can restore train from its run-cache.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Optional, Union
@@ -22,17 +25,17 @@ import torch
 from dvclive import Live
 from tqdm import tqdm
 
-import cifarlab
 from cifarlab import paths
 from cifarlab.atomic import atomic_path, write_json
 from cifarlab.augment import build_train_transform
 from cifarlab.checkpoint import save_checkpoint
 from cifarlab.data import Dataset, iterate_batches
-from cifarlab.distributed import Distributed, check_batch_size
+from cifarlab.distributed import Distributed, check_batch_size, gather_objects
 from cifarlab.engine import (DivergenceGuard, Runtime, TrainingDiverged, build_model, evaluate, rng_state,
                              seed_everything, set_rng_state, train_loader, train_one_epoch)
 from cifarlab.errors import CifarlabError
-from cifarlab.params import Params
+from cifarlab.lifetime import signal_name, stop_signal
+from cifarlab.params import Params, ParamsError, read_yaml
 from cifarlab.schedule import build_optimizer, build_scheduler, onecycle_for
 
 LOGGED = ("train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr")
@@ -41,7 +44,9 @@ LOGGED = ("train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr")
 class Interrupted(CifarlabError):
     """Ctrl-C during training; the last complete epoch's state is on disk."""
 
-    exit_code = 130
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.exit_code = 128 + (stop_signal() or 2)   # 130 for Ctrl-C (SIGINT), 143 for SIGTERM
 
 
 def _read_lr_find(lr_find_metrics: Path) -> dict:
@@ -71,36 +76,71 @@ def divergence_advice(max_lr: Union[float, str], used: float, lr_find_metrics: P
             f"{float(found['loss_minimum_lr']):.3g}): set train.max_lr to a number below it, e.g. {lower}")
 
 
-def _hash_files(files: list[Path], digest) -> None:
+def train_deps(root: Path = Path(".")) -> list[str]:
+    """The train stage's deps as dvc.yaml lists them: the files DVC hashes to decide whether train reruns."""
+    try:
+        deps = read_yaml(root / "dvc.yaml")["stages"]["train"]["deps"]
+    except (ParamsError, KeyError, TypeError) as err:
+        detail = str(err) if isinstance(err, ParamsError) else "it has no stages.train.deps"
+        raise CifarlabError(f"cannot read the train stage's deps from {root / 'dvc.yaml'} ({detail}); "
+                            f"run train from the repository root, as `dvc repro train` does") from None
+    return [next(iter(dep)) if isinstance(dep, dict) else str(dep) for dep in deps]
+
+
+def _dep_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+                      and p.suffix != ".pyc")
+    return [path]
+
+
+def _hash_files(files: list[Path], digest, root: Path) -> None:
     for path in files:
-        digest.update(path.as_posix().encode())
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        if not path.exists():
+            digest.update(b"missing\0")
+            continue
         with path.open("rb") as handle:
             while chunk := handle.read(1 << 22):
                 digest.update(chunk)
 
 
-def run_fingerprint(params: Params, runtime: Runtime, max_lr: float, data_dir: Path = paths.DATA_DIR,
+def run_fingerprint(params: Params, runtime: Runtime, max_lr: float, root: Path = Path("."),
                     world_size: int = 1) -> str:
-    """A hash of everything that determines the run: what a resumed run must share with the saved one."""
+    """A hash of everything that determines the run: what a resumed run must share with the saved one.
+
+    The files are exactly the train stage's deps in dvc.yaml (data, lr_find's output, the stage script
+    and the library modules train imports), so editing a module train does not use (report.py, say)
+    keeps the saved state, and any edit that makes DVC rerun train for a code or data reason does not.
+    """
     digest = hashlib.sha256()
     determining = {name: params.to_dict()[name] for name in ("model", "augment", "optim", "train")}
+    determining["evaluate.batch_size"] = params.evaluate.batch_size
     determining["resolved_max_lr"] = max_lr
     determining["runtime"] = {k: v for k, v in runtime.describe().items() if k not in ("threads", "num_workers")}
     determining["world_size"] = world_size
     digest.update(json.dumps(determining, sort_keys=True).encode())
-    _hash_files(sorted(data_dir.glob("*.npz")) + [data_dir / "meta.json"], digest)
-    code = Path(cifarlab.__file__).parent
-    digest.update(b"code")
-    for path in sorted(code.rglob("*.py")):
-        digest.update(path.relative_to(code).as_posix().encode() + path.read_bytes())
+    for dep in train_deps(root):
+        _hash_files(_dep_files(root / dep), digest, root)
     return digest.hexdigest()
 
 
-def load_resume_state(path: Path, fingerprint: str, verbose: bool = True) -> Optional[dict]:
-    """The saved state if it belongs to this run; None (with a line saying why) otherwise."""
+def state_path(fingerprint: str, state_dir: Path = paths.TRAIN_STATE_DIR) -> Path:
+    return state_dir / f"{fingerprint}.pt"
+
+
+def load_resume_state(fingerprint: str, state_dir: Path = paths.TRAIN_STATE_DIR, verbose: bool = True
+                      ) -> Optional[dict]:
+    """This run's saved state, or None (with a line saying why) when there is none to resume."""
     say = print if verbose else (lambda *_: None)
+    path = state_path(fingerprint, state_dir)
     if not path.exists():
-        say("train: no saved state, starting fresh")
+        others = sorted(state_dir.glob("*.pt")) if state_dir.is_dir() else []
+        if others:
+            say(f"train: the saved state in {state_dir}/ is from a different run (params, data or code changed), "
+                f"starting fresh")
+        else:
+            say("train: no saved state, starting fresh")
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
@@ -144,7 +184,8 @@ def fit(params: Params, dataset: Dataset, runtime: Runtime, world: Distributed =
     images_per_second: list[float] = []
 
     fingerprint = run_fingerprint(params, runtime, max_lr, world_size=world.world_size)
-    state = load_resume_state(paths.TRAIN_STATE, fingerprint, verbose=world.is_main)
+    state_file = state_path(fingerprint)
+    state = load_resume_state(fingerprint, verbose=world.is_main)
     first_epoch = 1
     if state is not None:
         net.load_state_dict(state["model"])
@@ -152,8 +193,8 @@ def fit(params: Params, dataset: Dataset, runtime: Runtime, world: Distributed =
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state["scaler"] is not None:
             scaler.load_state_dict(state["scaler"])
-        guard.load_state_dict(state["guard"])
-        set_rng_state(state["rng"])
+        guard.load_state_dict(state["guard"][world.rank])   # each process's own guard and RNG states
+        set_rng_state(state["rng"][world.rank])
         history, lrs = state["history"], state["lrs"]
         epoch_seconds, images_per_second = state["epoch_seconds"], state["images_per_second"]
         first_epoch = state["epoch"] + 1
@@ -166,7 +207,7 @@ def fit(params: Params, dataset: Dataset, runtime: Runtime, world: Distributed =
     logger = (Live(str(paths.TRAIN_LIVE_DIR), dvcyaml=False, save_dvc_exp=False) if world.is_main
               else contextlib.nullcontext())
     with logger as live:
-        for epoch in range(1, first_epoch):      # a resumed run re-logs the epochs it already has
+        for epoch in range(1, first_epoch if world.is_main else 1):   # a resumed run re-logs its epochs (rank 0 logs)
             _log(live, epoch, {name: values[epoch - 1] for name, values in history.items()})
         epoch = first_epoch
         try:
@@ -179,6 +220,7 @@ def fit(params: Params, dataset: Dataset, runtime: Runtime, world: Distributed =
                 seconds = time.perf_counter() - started
                 epoch_seconds.append(seconds)
                 images_per_second.append(result["images"] / seconds)
+                per_process = gather_objects({"rng": rng_state(), "guard": guard.state_dict()})   # a collective
                 if not world.is_main:
                     continue
                 test = evaluate(net, iterate_batches(dataset.test, params.evaluate.batch_size), runtime)
@@ -187,18 +229,20 @@ def fit(params: Params, dataset: Dataset, runtime: Runtime, world: Distributed =
                 for name in LOGGED:
                     history[name].append(row[name])
                 _log(live, epoch, row)
-                _save_state(paths.TRAIN_STATE, fingerprint, epoch, net, optimizer, scheduler, scaler, guard,
+                _save_state(state_file, fingerprint, epoch, net, optimizer, scheduler, scaler, per_process,
                             history, lrs, epoch_seconds, images_per_second)
                 print(f"epoch {epoch:3d}  lr {row['lr']:.3e}  train loss {row['train/loss']:.4f} "
                       f"acc {row['train/accuracy']:.4f}  test loss {row['test/loss']:.4f} "
                       f"acc {row['test/accuracy']:.4f}  {seconds:.1f}s {result['images'] / seconds:.0f} img/s")
         except TrainingDiverged as err:
-            kept = (f"the last good state (epoch {epoch - 1}) is kept in {paths.TRAIN_STATE}" if epoch > 1
+            kept = (f"the last good state (epoch {epoch - 1}) is kept in {state_file}" if epoch > 1
                     else "no epoch completed")
             raise TrainingDiverged(f"{err}; {kept}") from None
         except KeyboardInterrupt:
-            raise Interrupted(f"interrupted during epoch {epoch}; the state after epoch {epoch - 1} is saved in "
-                              f"{paths.TRAIN_STATE}, rerun to resume") from None
+            how = "" if (stop_signal() or 2) == 2 else f" ({signal_name(stop_signal())})"
+            kept = (f"the state after epoch {epoch - 1} is saved in {state_file}, rerun to resume" if epoch > 1
+                    else "no epoch completed, a rerun starts fresh")
+            raise Interrupted(f"interrupted{how} during epoch {epoch}; {kept}") from None
         except torch._dynamo.exc.TorchDynamoException as err:
             # Only runtime.compile gets here (e.g. no C++ compiler for inductor on this machine).
             first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
@@ -215,9 +259,16 @@ def fit(params: Params, dataset: Dataset, runtime: Runtime, world: Distributed =
         "images_per_second": sum(images_per_second) / len(images_per_second),
         "epoch_seconds_mean": sum(epoch_seconds) / len(epoch_seconds),
         "epoch_seconds": epoch_seconds, "processes": world.world_size, **runtime.describe()})
+    write_json(paths.TRAIN_SUMMARY, {   # what `dvc exp show` compares; the learning curves are in TRAIN_LIVE_DIR
+        "max_lr": max_lr, "epochs": train.epochs,
+        "images_per_second": sum(images_per_second) / len(images_per_second),
+        "train_minutes": sum(epoch_seconds) / 60})
     save_checkpoint(paths.CHECKPOINT, net, epoch=train.epochs, max_lr=max_lr, dropout=params.model.dropout,
                     num_classes=len(dataset.classes), classes=list(dataset.classes),
                     data_source=dataset.source, params=params.to_dict())
+    state_file.unlink(missing_ok=True)      # the run is complete: a rerun (`dvc repro -f`) starts over
+    with contextlib.suppress(OSError):
+        os.rmdir(state_file.parent)         # only if no other run's state is left there
     return {"max_lr": max_lr}
 
 
@@ -228,12 +279,13 @@ def _log(live: Live, epoch: int, row: dict[str, float]) -> None:
     live.next_step()
 
 
-def _save_state(path: Path, fingerprint: str, epoch: int, model, optimizer, scheduler, scaler, guard,
+def _save_state(path: Path, fingerprint: str, epoch: int, model, optimizer, scheduler, scaler, per_process,
                 history, lrs, epoch_seconds, images_per_second) -> None:
     state = {"fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(),
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "scaler": scaler.state_dict() if scaler is not None else None, "guard": guard.state_dict(),
-             "rng": rng_state(), "history": history, "lrs": lrs, "epoch_seconds": epoch_seconds,
+             "scaler": scaler.state_dict() if scaler is not None else None,
+             "guard": [p["guard"] for p in per_process], "rng": [p["rng"] for p in per_process],
+             "history": history, "lrs": lrs, "epoch_seconds": epoch_seconds,
              "images_per_second": images_per_second}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)

@@ -1,0 +1,137 @@
+"""End to end: killing or interrupting `dvc repro` mid-training leaves no process behind, and the
+rerun resumes to exactly the uninterrupted result; a failing stage's line says how to restore outputs.
+
+Each case runs the real pipeline in a temporary git + DVC repo (`make_repo`), kills the process
+group of `dvc repro -f -s train` once a complete epoch is saved, then looks in /proc for any process
+whose working directory or command line is in the repo.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import TINY, merge, run, tool_env, write_params
+from test_pipeline_e2e import make_repo
+
+pytestmark = pytest.mark.e2e
+
+RUN = merge(TINY, {"model": {"name": "a7_net", "dropout": 0.05}, "optim": {"name": "sgd", "momentum": 0.9},
+                   "train": {"epochs": 4, "batch_size": 64, "max_lr": 0.05, "max_at_epoch": 1},
+                   "runtime": {"deterministic": True, "precision": "fp32"}})
+SECONDS_UNTIL_NOTHING_IS_LEFT = 5.0
+
+
+def processes_in(repo: Path) -> list[str]:
+    """`pid cmdline` of every process (not this one) running in `repo` or naming it."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cwd = os.readlink(entry / "cwd")
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue                       # gone, or a zombie
+        if cwd == str(repo) or cwd.startswith(f"{repo}/") or str(repo) in cmdline:
+            found.append(f"{entry.name} {cmdline.strip()}")
+    return found
+
+
+def final(repo: Path) -> tuple[dict, dict]:
+    weights = torch.load(repo / "models/model.pt", weights_only=False)["state_dict"]
+    return json.loads((repo / "metrics/train/metrics.json").read_text()), weights
+
+
+def saved_epoch(repo: Path) -> int:
+    files = sorted((repo / ".cache/train").glob("*.pt"))
+    try:
+        return torch.load(files[0], weights_only=False)["epoch"] if files else 0
+    except Exception:                      # being replaced right now
+        return 0
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["1-process", "2-process-ddp"])
+def repo(request, tmp_path_factory):
+    """A committed tiny pipeline run once, uninterrupted: (repo, its final metrics and weights)."""
+    work = make_repo(tmp_path_factory.mktemp(f"kill{request.param}"), merge(RUN, {"runtime": {"nproc": request.param}}))
+    first = run(["dvc", "repro", "train"], work)
+    assert "no saved state, starting fresh" in first.stdout
+    assert not list((work / ".cache/train").glob("*.pt"))          # a completed run leaves no state
+    run(["git", "add", "-A"], work)
+    run(["git", "commit", "-qm", "reference run"], work)
+    again = run(["dvc", "repro", "-f", "-s", "train"], work)        # after a completed run, -f starts over
+    assert "no saved state, starting fresh" in again.stdout and "resuming" not in again.stdout
+    return work, request.param, final(work)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_killing_dvc_repro_leaves_nothing_and_the_rerun_resumes(repo, signum):
+    work, nproc, (reference_metrics, reference_weights) = repo
+    dvc = subprocess.Popen(["dvc", "repro", "-f", "-s", "train"], cwd=work, env=tool_env(), start_new_session=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while saved_epoch(work) < 1 and dvc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert dvc.poll() is None, dvc.communicate()[0]
+    time.sleep(0.3)                                                  # into epoch 2
+    os.killpg(dvc.pid, signum)
+    killed = time.monotonic()
+    left = processes_in(work)
+    while left and time.monotonic() - killed < 60:
+        time.sleep(0.05)
+        left = processes_in(work)
+    seconds = time.monotonic() - killed
+    output = dvc.communicate(timeout=60)[0]
+    print(f"{nproc} process(es), {signum.name}: nothing left after {seconds:.2f} s")
+    assert left == [] and seconds < SECONDS_UNTIL_NOTHING_IS_LEFT, left
+    assert "Traceback" not in output and "ChildFailedError" not in output
+    # SIGTERM of the group ends DVC at once, and the trainer dies with it (no one is left to read a
+    # message); Ctrl-C leaves DVC waiting for the stage, whose one line says what happened.
+    if signum == signal.SIGINT:
+        errors = [line for line in output.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, output
+        assert "interrupted" in errors[0] and "rerun to resume" in errors[0], output
+        assert "Traceback" not in output and "ChildFailedError" not in output
+        assert "`dvc checkout train` restores" in errors[0] and "models/model.pt" in errors[0]
+    epoch = saved_epoch(work)
+    assert epoch >= 1
+
+    rerun = run(["dvc", "repro", "-f", "-s", "train"], work)          # after an interruption, -f resumes
+    assert f"resuming from the end of epoch {epoch}" in rerun.stdout
+    metrics, weights = final(work)
+    assert metrics == reference_metrics
+    assert weights.keys() == reference_weights.keys()
+    assert all(torch.equal(weights[name], reference_weights[name]) for name in weights)
+    tsv = (work / "metrics/train/plots/metrics/test/accuracy.tsv").read_text().splitlines()
+    assert [line.split("\t")[0] for line in tsv[1:]] == ["1", "2", "3", "4"]
+    assert not list((work / ".cache/train").glob("*.pt"))
+
+
+def test_a_train_failure_is_one_line_once_and_says_how_to_restore(repo):
+    work, nproc, _ = repo
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    write_params(work, merge(params, {"train": {"batch_size": 63} if nproc == 2 else {"max_at_epoch": 99}}))
+    try:
+        result = run(["dvc", "repro", "-s", "train"], work, check=False)
+        output = result.stdout + result.stderr
+        assert result.returncode != 0
+        errors = [line for line in output.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, output
+        assert "train." in errors[0] and "Traceback" not in output and "ChildFailedError" not in output
+        hint = "; DVC removed the stage's previous outputs before running it: `dvc checkout train` restores "
+        assert hint in errors[0] and "models/model.pt" in errors[0].split(hint)[1]   # the line ends with it
+        assert not (work / "models/model.pt").exists()              # DVC deleted it before running train ...
+        run(["git", "checkout", "--", "params.yaml"], work)
+        run(["dvc", "checkout", "train"], work)                      # ... and this brings it back
+        assert (work / "models/model.pt").exists()
+    finally:
+        run(["git", "checkout", "--", "params.yaml"], work)
