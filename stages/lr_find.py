@@ -7,9 +7,9 @@ from cifarlab.atomic import atomic_path, write_json
 from cifarlab.augment import build_train_transform
 from cifarlab.data import load_dataset
 from cifarlab.engine import build_model, seed_everything, select_runtime, train_loader
-from cifarlab.errors import CifarlabError, run_stage
+from cifarlab.errors import run_stage
 from cifarlab.lr_finder import range_test
-from cifarlab.lr_rules import CurveError, suggestions, window
+from cifarlab.lr_rules import suggestions, window
 from cifarlab.params import load_params
 from cifarlab.schedule import build_optimizer
 
@@ -25,11 +25,8 @@ def main() -> None:
     optimizer = build_optimizer(model, params.optim, lr=params.lr_find.start_lr)
     lrs, losses = range_test(model, optimizer, loader.epoch(0), runtime, params.lr_find,
                              params.optim.label_smoothing)
-    try:
-        descent = window(lrs, losses)
-        candidates = suggestions(descent)
-    except CurveError as err:
-        raise CifarlabError(str(err)) from None
+    descent = window(lrs, losses)          # a curve with no usable descent stops here with one line
+    candidates = suggestions(descent)
     rule = params.lr_find.rule
     max_lr = candidates[rule]
     with atomic_path(paths.LR_FIND_CURVE) as tmp:

@@ -1,6 +1,6 @@
 """Rules that turn an LR range test's curve into a max LR, and the window they may look at.
 
-Pure numpy: `params` imports the rule names and the minimum number of iterations from here, and
+Numpy only (no torch): `params` imports the rule names and the minimum number of iterations from here, and
 `lr_finder` runs the range test whose curve these rules read.
 
 What real CIFAR-10 curves taught (see the README's preset table for the measurements):
@@ -24,13 +24,15 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from cifarlab.errors import CifarlabError
+
 SKIP_START = 10   # points trimmed from the start: the smoothing has not settled there
 MIN_WINDOW = 5    # points a rule needs between the trimmed start and the loss minimum
 MIN_NUM_ITER = SKIP_START + MIN_WINDOW + 1   # lr_find.num_iter's floor, checked when params load
 DEFAULT_RULE = "min_div_10"
 
 
-class CurveError(ValueError):
+class CurveError(CifarlabError):
     """The range test's curve has no usable descending window (one line saying what to change)."""
 
 
