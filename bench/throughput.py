@@ -9,7 +9,7 @@ One run on one machine measures, for the model and batch size in params.yaml (cu
              num_workers=0, fp32, NCHW, Adam, OneCycleLR stepped per batch, `loss.item()` and a
              tqdm description every batch; the same network class
   loader     the pipeline's training loader alone (no model)
-  eval       `engine.evaluate` over the test split
+  eval       `loops.evaluate` over the test split
   compile    (--compile) the pipeline path with the model wrapped in torch.compile
 
 Every path is warmed up for --warmup batches, then timed over --batches batches. Results go to
@@ -42,10 +42,14 @@ import yaml
 from albumentations.pytorch import ToTensorV2
 from tqdm import tqdm
 
-from cifarlab.augment import IMAGE_SIZE, build_train_transform
-from cifarlab.data import CIFAR_MEAN, CIFAR_STD, Dataset, Split, iterate_batches, load_dataset, make_synthetic
-from cifarlab.engine import (DivergenceGuard, Runtime, build_model, cpu_supports_bf16, evaluate, seed_everything,
-                             select_runtime, train_loader, train_one_epoch)
+from cifarlab.augment import IMAGE_SIZE
+from cifarlab.loaders import iterate_batches
+from cifarlab.sources import make_synthetic
+from cifarlab.storage import CIFAR_MEAN, CIFAR_STD, Dataset, load_dataset, Split
+from cifarlab.loaders import train_loader
+from cifarlab.loops import DivergenceGuard, evaluate, train_one_epoch
+from cifarlab.models.classifier import build_model
+from cifarlab.runtime import cpu_supports_bf16, Runtime, seed_everything, select_runtime
 from cifarlab.models import create_model
 from cifarlab.params import Params, parse_params
 from cifarlab.schedule import build_optimizer, build_scheduler, onecycle_for
@@ -181,7 +185,7 @@ class PipelinePath(TimedPath):
                  compile_model: bool = False, label: str = "pipeline"):
         self.params, self.runtime, self.label = params, runtime, label
         seed_everything(params.train.seed)
-        loader = train_loader(dataset.train, build_train_transform(params.augment), params.train.batch_size,
+        loader = train_loader(dataset.train, params.augment, params.train.batch_size,
                               params.train.seed, runtime)
         self.model = build_model(params.model, runtime, len(dataset.classes))
         self.trained = torch.compile(self.model) if compile_model else self.model
@@ -208,7 +212,7 @@ class PipelinePath(TimedPath):
 
 
 def time_loader(params: Params, runtime: Runtime, dataset: Dataset, warmup: int, batches: int) -> dict:
-    loader = train_loader(dataset.train, build_train_transform(params.augment), params.train.batch_size,
+    loader = train_loader(dataset.train, params.augment, params.train.batch_size,
                           params.train.seed, runtime)
     iterator = iter(loader.epoch(2))
     for _ in TimedBatches(iterator, warmup):
@@ -486,7 +490,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         out["reference_train_images_per_s"] = "skipped"
         out["ratio_pipeline_over_reference"] = "skipped"
 
-    log("timing engine.evaluate on the test split")
+    log("timing loops.evaluate on the test split")
     evaluation = time_eval(timed["pipeline_model"], dataset.test, params.evaluate.batch_size, runtime)
     out["eval_images_per_s"] = evaluation["images_per_s"]
     out["eval_images"] = evaluation["images"]

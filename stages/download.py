@@ -6,7 +6,8 @@ import tempfile
 from pathlib import Path
 
 from cifarlab import paths
-from cifarlab.data import fetch, make_synthetic, read_cifar10_tarball, save_dataset
+from cifarlab.sources import fetch, make_synthetic, read_cifar10_tarball
+from cifarlab.storage import save_dataset
 from cifarlab.errors import run_stage
 from cifarlab.params import load_params
 

@@ -4,9 +4,10 @@ import _src  # noqa: F401  (this checkout's src/ first: see stages/_src.py)
 
 from cifarlab import paths
 from cifarlab.atomic import atomic_path, write_json
-from cifarlab.augment import build_train_transform
-from cifarlab.data import load_dataset
-from cifarlab.engine import build_model, seed_everything, select_runtime, train_loader
+from cifarlab.storage import load_dataset
+from cifarlab.loaders import train_loader
+from cifarlab.models.classifier import build_model
+from cifarlab.runtime import seed_everything, select_runtime
 from cifarlab.errors import run_stage
 from cifarlab.lr_finder import range_test
 from cifarlab.lr_rules import suggestions, window
@@ -19,7 +20,7 @@ def main() -> None:
     runtime = select_runtime(params.runtime)
     dataset = load_dataset(paths.DATA_DIR)
     seed_everything(params.train.seed)
-    loader = train_loader(dataset.train, build_train_transform(params.augment), params.train.batch_size,
+    loader = train_loader(dataset.train, params.augment, params.train.batch_size,
                           params.train.seed, runtime)
     model = build_model(params.model, runtime, len(dataset.classes))
     optimizer = build_optimizer(model, params.optim, lr=params.lr_find.start_lr)

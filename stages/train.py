@@ -11,9 +11,9 @@ from cifarlab.errors import run_stage   # no torch yet: Ctrl-C and SIGTERM are h
 
 def main() -> None:
     from cifarlab import paths
-    from cifarlab.data import load_dataset
+    from cifarlab.storage import load_dataset
     from cifarlab.distributed import Distributed, check_batch_size, init_distributed, launch, launched, shutdown
-    from cifarlab.engine import select_runtime
+    from cifarlab.runtime import select_runtime
     from cifarlab.params import load_params
     from cifarlab.trainer import fit
 

@@ -81,7 +81,8 @@ def copy_code(work: Path) -> None:
 def stage_dir(tmp_path, tiny_params):
     """A working directory with the stage scripts, tiny params and the synthetic dataset written:
     stages run in it as `python stages/<name>.py`, exactly as `dvc repro` runs them."""
-    from cifarlab.data import make_synthetic, save_dataset
+    from cifarlab.sources import make_synthetic
+    from cifarlab.storage import save_dataset
 
     work = tmp_path / "work"
     copy_code(work)

@@ -2,7 +2,9 @@ import numpy as np
 import torch
 
 from cifarlab.augment import MEAN_UINT8, build_train_transform
-from cifarlab.data import GlobalBatchSampler, ImageDataset, Normalize, make_synthetic
+from cifarlab.loaders import GlobalBatchSampler, ImageDataset
+from cifarlab.models.classifier import Normalize
+from cifarlab.sources import make_synthetic
 from cifarlab.params import parse_params
 from conftest import merge
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from cifarlab.checkpoint import load_checkpoint, save_checkpoint
-from cifarlab.engine import Classifier
+from cifarlab.models.classifier import Classifier
 from cifarlab.errors import CifarlabError
 
 

@@ -4,70 +4,71 @@ reruns exactly the stages it can affect) and only params keys that exist."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from cifarlab import codedeps
 from cifarlab.params import Params, parse_params
 from conftest import REPO
 
-PACKAGE = REPO / "src" / "cifarlab"
 STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 
 
-def module_file(name: str) -> Path | None:
-    parts = name.split(".")
-    if parts[0] != "cifarlab":
-        return None
-    base = PACKAGE.joinpath(*parts[1:])
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.exists():
-            return candidate
-    return None
-
-
-# params.py looks up the model registry only to validate `model.name`; no stage output depends on it.
-VALIDATION_ONLY = {(PACKAGE / "params.py", "cifarlab.models")}
-
-
-def imported_modules(path: Path) -> set[str]:
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module)
-            names.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return {name for name in names if (path, name) not in VALIDATION_ONLY}
-
-
-def library_files(script: Path) -> set[Path]:
-    """Every cifarlab source file the script imports, transitively."""
-    seen: set[Path] = set()
-    todo = [script]
-    while todo:
-        for name in imported_modules(todo.pop()):
-            found = module_file(name)
-            if found and found not in seen:
-                seen.add(found)
-                todo.append(found)
-    return seen
-
-
-def declared(stage: dict) -> list[Path]:
-    return [REPO / (next(iter(d)) if isinstance(d, dict) else d) for d in stage.get("deps", [])]
+def declared(stage: dict) -> list[str]:
+    return [next(iter(d)) if isinstance(d, dict) else d for d in stage.get("deps", [])]
 
 
 @pytest.mark.parametrize("name", sorted(STAGES))
-def test_stage_depends_on_every_module_it_imports(name):
-    stage = STAGES[name]
-    script = REPO / "stages" / f"{name}.py"
-    deps = declared(stage)
-    assert script in deps
-    needed = library_files(script) - {PACKAGE / "__init__.py"}   # the package marker holds only a version
-    missing = sorted(str(f.relative_to(REPO)) for f in needed if not any(f == d or d in f.parents for d in deps))
-    assert missing == [], f"stage {name} imports these but does not list them in deps"
+def test_stage_code_deps_are_the_generated_ones(name):
+    """Every file the script imports, transitively, and nothing else: `python -m cifarlab.codedeps` wrote them."""
+    code = [dep for dep in declared(STAGES[name]) if dep.startswith(("stages/", "src/"))]
+    assert code == codedeps.code_deps(name, REPO)
+
+
+def test_codedeps_check_passes_on_the_committed_dvc_yaml():
+    result = subprocess.run([sys.executable, "-m", "cifarlab.codedeps", "--check"], cwd=REPO, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def _library(tmp_path: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    return tmp_path
+
+
+def test_code_deps_follow_imports_transitively_and_count_a_package_as_its_folder(tmp_path):
+    root = _library(tmp_path, {
+        "stages/fit.py": "import _src\nfrom cifarlab import a\n\ndef main():\n    from cifarlab.b import f\n",
+        "src/cifarlab/__init__.py": "", "src/cifarlab/a.py": "import numpy\nfrom cifarlab.models.small import Net\n",
+        "src/cifarlab/b.py": "from cifarlab.c import g\n", "src/cifarlab/c.py": "", "src/cifarlab/unused.py": "",
+        "src/cifarlab/models/__init__.py": "from cifarlab.models import small\n", "src/cifarlab/models/small.py": "",
+        "src/cifarlab/params.py": "def check():\n    from cifarlab.models import names\n",
+        "stages/load.py": "from cifarlab.params import check\n",
+    })
+    assert codedeps.code_deps("fit", root) == ["stages/fit.py", "stages/_src.py", "src/cifarlab/a.py",
+                                               "src/cifarlab/b.py", "src/cifarlab/c.py", "src/cifarlab/models"]
+    # params.py looks up the model registry only to validate a name: no dependency on the networks
+    assert codedeps.code_deps("load", root) == ["stages/load.py", "stages/_src.py", "src/cifarlab/params.py"]
+
+
+def test_codedeps_rewrites_stale_code_deps_and_keeps_data_deps_and_comments(tmp_path):
+    root = _library(tmp_path, {"stages/fit.py": "from cifarlab import a\n", "src/cifarlab/__init__.py": "",
+                               "src/cifarlab/a.py": "", "src/cifarlab/old.py": ""})
+    (root / "dvc.yaml").write_text("stages:\n  fit:   # the stage\n    cmd: python stages/fit.py\n    deps:\n"
+                                   "      - stages/fit.py\n      - data   # the data\n      - src/cifarlab/old.py\n")
+    assert list(codedeps.stale_stages(root)) == ["fit"]
+    assert codedeps.write(root) == ["fit"]
+    text = (root / "dvc.yaml").read_text()
+    assert "# the stage" in text and "# the data" in text
+    assert declared(yaml.safe_load(text)["stages"]["fit"]) == ["stages/fit.py", "stages/_src.py", "data",
+                                                               "src/cifarlab/a.py"]
+    assert codedeps.stale_stages(root) == {}
 
 
 @pytest.mark.parametrize("name", sorted(STAGES))
@@ -94,7 +95,7 @@ def test_stage_runs_its_own_checkouts_code(name):
     script = REPO / "stages" / f"{name}.py"
     imports = [node for node in ast.parse(script.read_text()).body if isinstance(node, (ast.Import, ast.ImportFrom))]
     assert isinstance(imports[0], ast.Import) and imports[0].names[0].name == "_src", name
-    assert REPO / "stages" / "_src.py" in declared(STAGES[name])
+    assert "stages/_src.py" in declared(STAGES[name])
 
 
 def test_a_copy_of_the_repo_imports_its_own_src(tmp_path, tiny_params):

@@ -14,7 +14,7 @@ import torch
 import yaml
 from torch import nn
 
-from cifarlab.engine import Classifier
+from cifarlab.models.classifier import Classifier
 from cifarlab.gradcam import cam_layer_name, grad_cam
 from cifarlab.metrics import HorizontalFlipTTA
 from cifarlab.models import model_names, model_spec

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from cifarlab.augment import build_train_transform
-from cifarlab.data import make_synthetic
-from cifarlab.engine import build_model, select_runtime, train_loader
+from cifarlab.sources import make_synthetic
+from cifarlab.loaders import train_loader
+from cifarlab.models.classifier import build_model
+from cifarlab.runtime import select_runtime
 from cifarlab.lr_finder import range_test, turned_up
 from cifarlab.lr_rules import (MIN_NUM_ITER, MIN_WINDOW, RULES, SKIP_START, CurveError, min_div_10, steepest,
                                suggestions, window)
@@ -144,7 +145,7 @@ def test_range_test_leaves_the_model_untouched(default_params):
         "lr_find": {"num_iter": 20, "end_lr": 1.0}}))
     runtime = select_runtime(params.runtime)
     data = make_synthetic(256, 10, 0)
-    loader = train_loader(data.train, build_train_transform(params.augment), 32, 0, runtime)
+    loader = train_loader(data.train, params.augment, 32, 0, runtime)
     model = build_model(params.model, runtime, 10)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = build_optimizer(model, params.optim, lr=params.lr_find.start_lr)

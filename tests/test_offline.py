@@ -21,7 +21,7 @@ def test_importing_the_stages_libraries_needs_no_network(tmp_path):
     env = tool_env()
     env.pop("NO_ALBUMENTATIONS_UPDATE", None)
     env["PYTHONPATH"] = f"{tmp_path}:{REPO / 'src'}"
-    modules = ["cifarlab.augment", "cifarlab.data", "cifarlab.trainer", "cifarlab.lr_finder", "cifarlab.report",
+    modules = ["cifarlab.augment", "cifarlab.storage", "cifarlab.sources", "cifarlab.loaders", "cifarlab.loops", "cifarlab.trainer", "cifarlab.lr_finder", "cifarlab.report",
                "cifarlab.gradcam", "cifarlab.metrics", "albumentations", "dvclive", "torch_lr_finder"]
     code = "import socket, urllib.request\n" + "".join(f"import {m}\n" for m in modules) + (
         "import time; time.sleep(3)\n"   # albumentations checks in a thread: give it time to warn

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cifarlab import engine
-from cifarlab.engine import select_runtime
+from cifarlab import runtime as runtime_module
+from cifarlab.runtime import select_runtime
 from cifarlab.errors import CifarlabError
 from cifarlab.params import parse_params
 from conftest import merge
@@ -22,7 +22,7 @@ def runtime_params(default_params, **runtime):
 
 @pytest.fixture
 def two_cores(monkeypatch):
-    monkeypatch.setattr(engine.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(runtime_module.os, "cpu_count", lambda: 2)
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def fake_cuda(monkeypatch, bf16: bool):
 
 
 def test_cpu_with_native_bf16(default_params, monkeypatch, no_cuda, two_cores):
-    monkeypatch.setattr(engine, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(runtime_module, "cpu_supports_bf16", lambda: True)
     runtime = select_runtime(runtime_params(default_params))
     assert (runtime.device.type, runtime.precision, runtime.channels_last) == ("cpu", "bf16", True)
     assert runtime.num_workers == 1 and not runtime.needs_grad_scaler()
@@ -44,20 +44,20 @@ def test_cpu_with_native_bf16(default_params, monkeypatch, no_cuda, two_cores):
 
 
 def test_cpu_without_bf16_stays_fp32_nchw(default_params, monkeypatch, no_cuda, two_cores):
-    monkeypatch.setattr(engine, "cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr(runtime_module, "cpu_supports_bf16", lambda: False)
     runtime = select_runtime(runtime_params(default_params))
     assert (runtime.precision, runtime.channels_last, runtime.autocast_dtype) == ("fp32", False, None)
 
 
 def test_single_core_cpu_loads_inline(default_params, monkeypatch, no_cuda):
-    monkeypatch.setattr(engine.os, "cpu_count", lambda: 1)
+    monkeypatch.setattr(runtime_module.os, "cpu_count", lambda: 1)
     assert select_runtime(runtime_params(default_params)).num_workers == 0
 
 
 @pytest.mark.parametrize("bf16,precision,scaler", [(True, "bf16", False), (False, "fp16", True)])
 def test_cuda_autocast_and_grad_scaler(default_params, monkeypatch, bf16, precision, scaler):
     fake_cuda(monkeypatch, bf16)
-    monkeypatch.setattr(engine.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(runtime_module.os, "cpu_count", lambda: 16)
     runtime = select_runtime(runtime_params(default_params))
     assert (runtime.device.type, runtime.precision, runtime.channels_last) == ("cuda", precision, True)
     assert runtime.needs_grad_scaler() is scaler           # fp16 underflows without loss scaling
@@ -93,6 +93,6 @@ def test_batches_move_to_cuda_without_blocking(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "to", record_to)
     for device, expected in (("cuda", True), ("cpu", False)):
         calls.clear()
-        runtime = engine.Runtime(torch.device(device), "fp32", False, 0)
-        engine.to_device(images, labels, runtime)
+        runtime = runtime_module.Runtime(torch.device(device), "fp32", False, 0)
+        runtime_module.to_device(images, labels, runtime)
         assert calls and all(flag is expected for flag in calls), (device, calls)

@@ -18,7 +18,7 @@ def torch_lrs(cycle: OneCycle, cycle_momentum: bool = False) -> list[float]:
     for _ in range(cycle.total_steps):
         lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
-        if scheduler.last_epoch < cycle.total_steps - 1:   # as engine.train_one_epoch does
+        if scheduler.last_epoch < cycle.total_steps - 1:   # as loops.train_one_epoch does
             scheduler.step()
     return lrs
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from cifarlab.engine import DivergenceGuard, TrainingDiverged
+from cifarlab.loops import DivergenceGuard, TrainingDiverged
 from conftest import merge, run, tool_env, write_params
 
 # a7_net with dropout: small and fast, and its dropout draws from the global RNG, so an exact
@@ -163,7 +163,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(stage_dir, referenc
 
 
 def fingerprint_of(work: Path, raw: dict, monkeypatch) -> str:
-    from cifarlab.engine import select_runtime
+    from cifarlab.runtime import select_runtime
     from cifarlab.params import parse_params
     from cifarlab.trainer import resolve_max_lr, run_fingerprint
 
@@ -241,7 +241,7 @@ def test_batch_larger_than_training_split(stage_dir):
 
 
 def test_fingerprint_depends_on_code_data_and_params(stage_dir, monkeypatch):
-    from cifarlab.engine import select_runtime
+    from cifarlab.runtime import select_runtime
     from cifarlab.params import parse_params
     from cifarlab.trainer import run_fingerprint
 
@@ -282,8 +282,8 @@ def test_fingerprint_files_are_the_train_stage_deps(stage_dir):
 
 def fit_here(raw_params: dict) -> None:
     """The train stage's `fit`, in this process (so torch.compile can be replaced), in the current directory."""
-    from cifarlab.data import load_dataset
-    from cifarlab.engine import select_runtime
+    from cifarlab.storage import load_dataset
+    from cifarlab.runtime import select_runtime
     from cifarlab.params import parse_params
     from cifarlab.trainer import fit
 

@@ -1,7 +1,7 @@
 """Albumentations pipelines built from the `augment` params.
 
 They work on uint8 HWC images. Normalisation is not here: it is the model's first layer
-(`cifarlab.data.Normalize`), so train and test can never be normalised differently. Cutout fills
+(`cifarlab.models.classifier.Normalize`), so train and test can never be normalised differently. Cutout fills
 with the dataset mean colour, which is zero after normalisation.
 """
 
@@ -12,8 +12,8 @@ from typing import Optional
 import albumentations as A
 import cv2
 
-from cifarlab.data import CIFAR_MEAN
 from cifarlab.params import AugmentParams
+from cifarlab.storage import CIFAR_MEAN
 
 MEAN_UINT8 = tuple(round(m * 255) for m in CIFAR_MEAN)
 IMAGE_SIZE = 32

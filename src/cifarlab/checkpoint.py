@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from cifarlab.atomic import write_bytes
-from cifarlab.engine import Classifier
+from cifarlab.models.classifier import Classifier
 from cifarlab.errors import CifarlabError
 
 

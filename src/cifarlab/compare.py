@@ -16,11 +16,9 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import math
 import statistics
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from cifarlab.errors import CifarlabError

@@ -7,7 +7,7 @@ which dies with the launcher (`lifetime.die_with_parent`), forwards Ctrl-C/SIGTE
 prints a failure's one line once (the processes leave it in a file instead of printing it). A
 process started by torchrun itself (several machines) sees WORLD_SIZE and simply joins the group.
 
-Each process trains on its contiguous share of every global batch (`data.GlobalBatchSampler`),
+Each process trains on its contiguous share of every global batch (`loaders.GlobalBatchSampler`),
 gradients are averaged by DistributedDataParallel, and only rank 0 evaluates and writes files.
 """
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cifarlab.engine import Classifier
+from cifarlab.models.classifier import Classifier
 from cifarlab.models import model_spec
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch_lr_finder import LRFinder
 
-from cifarlab.engine import Runtime
+from cifarlab.runtime import Runtime
 from cifarlab.params import LrFindParams
 
 

@@ -1,5 +1,5 @@
 """Classification summaries computed from per-image predictions, and horizontal-flip test-time
-augmentation as a model wrapper (so the one `engine.evaluate` measures it too)."""
+augmentation as a model wrapper (so the one `loops.evaluate` measures it too)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ class HorizontalFlipTTA(nn.Module):
     """`model` averaged over each image and its mirror image (flip of the width axis).
 
     Returns the log of the mean of the two softmax distributions: valid logits, so cross-entropy,
-    argmax and softmax confidence computed on them by `engine.evaluate` are those of the averaged
+    argmax and softmax confidence computed on them by `loops.evaluate` are those of the averaged
     prediction.
     """
 

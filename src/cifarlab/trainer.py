@@ -27,12 +27,14 @@ from tqdm import tqdm
 
 from cifarlab import paths
 from cifarlab.atomic import atomic_path, write_json
-from cifarlab.augment import build_train_transform
 from cifarlab.checkpoint import save_checkpoint
-from cifarlab.data import Dataset, iterate_batches
+from cifarlab.loaders import iterate_batches
+from cifarlab.storage import Dataset
 from cifarlab.distributed import Distributed, check_batch_size, gather_objects
-from cifarlab.engine import (DivergenceGuard, Runtime, TrainingDiverged, build_model, evaluate, rng_state,
-                             seed_everything, set_rng_state, train_loader, train_one_epoch)
+from cifarlab.loaders import train_loader
+from cifarlab.loops import DivergenceGuard, evaluate, train_one_epoch, TrainingDiverged
+from cifarlab.models.classifier import build_model
+from cifarlab.runtime import rng_state, Runtime, seed_everything, set_rng_state
 from cifarlab.errors import CifarlabError
 from cifarlab.lifetime import signal_name, stop_signal
 from cifarlab.params import Params, ParamsError, read_yaml
@@ -164,7 +166,7 @@ def fit(params: Params, dataset: Dataset, runtime: Runtime, world: Distributed =
     max_lr = resolve_max_lr(train.max_lr)
     check_batch_size(train.batch_size, world)
     seed_everything(train.seed + world.rank, params.runtime.deterministic)
-    loader = train_loader(dataset.train, build_train_transform(params.augment), train.batch_size, train.seed,
+    loader = train_loader(dataset.train, params.augment, train.batch_size, train.seed,
                           runtime, world.rank, world.world_size)
     net = build_model(params.model, runtime, len(dataset.classes))
     model = net

@@ -1,0 +1,111 @@
+"""Splits as batches: the augmented, shuffled training loader whose batches and augmentations are
+a function of (seed, epoch) only, and the plain in-order batches every evaluation reads."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import torch
+
+from cifarlab.augment import build_train_transform
+from cifarlab.errors import CifarlabError
+from cifarlab.lifetime import worker_init
+from cifarlab.params import AugmentParams
+from cifarlab.runtime import Runtime
+from cifarlab.storage import Split
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """A split as (uint8 CHW tensor, label) pairs, with an optional per-image albumentations transform.
+
+    The transform is reseeded for every image from (seed, epoch, index), so an image's augmentation
+    depends on nothing else: not on the worker that loads it, the number of workers, or which
+    process of a distributed run it lands on.
+    """
+
+    def __init__(self, split: Split, transform: Optional[Callable] = None, seed: int = 0):
+        self.split = split
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int):
+        image = self.split.images[index]
+        if self.transform is not None:
+            self.transform.set_random_seed((self.seed * 1_000_003 + self.epoch) * 100_003 + index)
+            image = self.transform(image=image)["image"]
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), int(self.split.labels[index])
+
+
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """Shuffled batches whose order depends only on (seed, epoch); with `world_size` > 1, this
+    process's contiguous share of each global batch.
+
+    The union of all processes' shares of step k is exactly the single-process batch k, so a
+    distributed run sees the same global batches as a single-process run of the same batch size.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.size, self.batch_size)
+        # A last batch too small to give every process an image is dropped (distributed runs only).
+        return full + (1 if rest >= self.world_size else 0)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+        order = torch.randperm(self.size, generator=generator).tolist()
+        for step in range(len(self)):
+            batch = order[step * self.batch_size:(step + 1) * self.batch_size]
+            share = -(-len(batch) // self.world_size)
+            yield batch[self.rank * share:(self.rank + 1) * share]
+
+
+class EpochLoader:
+    """A shuffling training loader whose batches and augmentations are a function of (seed, epoch)."""
+
+    def __init__(self, dataset: ImageDataset, batch_size: int, seed: int, num_workers: int, pin_memory: bool,
+                 rank: int = 0, world_size: int = 1):
+        self.dataset = dataset
+        self.sampler = GlobalBatchSampler(len(dataset), batch_size, seed, rank, world_size)
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        dataset.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def epoch(self, epoch: int) -> torch.utils.data.DataLoader:
+        """The DataLoader for `epoch`: iterate it once for that epoch's batches."""
+        self.dataset.epoch = epoch
+        self.sampler.epoch = epoch
+        return torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=self.sampler, num_workers=self.num_workers,
+            pin_memory=self.pin_memory, prefetch_factor=4 if self.num_workers else None,
+            persistent_workers=False, worker_init_fn=worker_init)   # workers die with this process
+
+
+def iterate_batches(split: Split, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The split in order, unaugmented, as (uint8 [B, 3, 32, 32], int64 [B]) batches."""
+    images = torch.from_numpy(split.images).permute(0, 3, 1, 2)   # a view: NCHW over HWC memory
+    labels = torch.from_numpy(split.labels)
+    for start in range(0, len(split), batch_size):
+        yield images[start:start + batch_size], labels[start:start + batch_size]
+
+
+def train_loader(split: Split, augment: AugmentParams, batch_size: int, seed: int, runtime: Runtime,
+                 rank: int = 0, world_size: int = 1) -> EpochLoader:
+    """The augmented (`augment` params), shuffled training loader with worker and pinning settings
+    for the device; in a distributed run, this process's share of every global batch."""
+    if batch_size > len(split):
+        raise CifarlabError(f"train.batch_size is {batch_size}; allowed: at most the training split size "
+                            f"({len(split)})")
+    return EpochLoader(ImageDataset(split, build_train_transform(augment)), batch_size, seed, runtime.num_workers,
+                       pin_memory=runtime.device.type == "cuda", rank=rank, world_size=world_size)
