@@ -187,7 +187,7 @@ class PipelinePath(TimedPath):
         seed_everything(params.train.seed)
         loader = train_loader(dataset.train, params.augment, params.train.batch_size,
                               params.train.seed, runtime)
-        self.model = build_model(params.model, runtime, len(dataset.classes))
+        self.model = build_model(params.model, runtime, len(dataset.classes), dataset.train.images)
         self.trained = torch.compile(self.model) if compile_model else self.model
         max_lr = max_lr_of(params)
         self.optimizer = build_optimizer(self.trained, params.optim, lr=max_lr / params.train.div_factor)

@@ -22,7 +22,7 @@ def main() -> None:
     seed_everything(params.train.seed)
     loader = train_loader(dataset.train, params.augment, params.train.batch_size,
                           params.train.seed, runtime)
-    model = build_model(params.model, runtime, len(dataset.classes))
+    model = build_model(params.model, runtime, len(dataset.classes), dataset.train.images)
     optimizer = build_optimizer(model, params.optim, lr=params.lr_find.start_lr)
     lrs, losses = range_test(model, optimizer, loader.epoch(0), runtime, params.lr_find,
                              params.optim.label_smoothing)

@@ -34,6 +34,7 @@ EXPECTED_PARAMS = {
     "a7_net": 467_098,               # seed 001
     "custom_resnet_a8": 6_575_370,   # seed 000
     "resnet18": 11_173_962,          # seed 004
+    "fast_net": 1_972_792,           # not a seed: airbench94's network, counted by hand in its module doc
 }
 
 Row = tuple[str, tuple[int, ...], int]   # (module type, output shape without batch, params)
@@ -376,12 +377,43 @@ ResNet                                   [1, 3, 32, 32]   --               [1, 1
 ├─Linear: 1-7                            [1, 512]         --               [1, 10]          5,130            True
 """
 
+# Not a seed: the fast preset's network as airbench94's paper describes it (Jordan 2024, arXiv:2404.00498,
+# figure 1), written out in torchsummary's format by hand.
+FAST_NET_PAPER = """
+          Conv2d-1         [-1, 24, 31, 31]             312
+            GELU-2         [-1, 24, 31, 31]               0
+          Conv2d-3         [-1, 64, 31, 31]          13,824
+       MaxPool2d-4         [-1, 64, 15, 15]               0
+     BatchNorm2d-5         [-1, 64, 15, 15]             128
+            GELU-6         [-1, 64, 15, 15]               0
+          Conv2d-7         [-1, 64, 15, 15]          36,864
+     BatchNorm2d-8         [-1, 64, 15, 15]             128
+            GELU-9         [-1, 64, 15, 15]               0
+         Conv2d-10        [-1, 256, 15, 15]         147,456
+      MaxPool2d-11          [-1, 256, 7, 7]               0
+    BatchNorm2d-12          [-1, 256, 7, 7]             512
+           GELU-13          [-1, 256, 7, 7]               0
+         Conv2d-14          [-1, 256, 7, 7]         589,824
+    BatchNorm2d-15          [-1, 256, 7, 7]             512
+           GELU-16          [-1, 256, 7, 7]               0
+         Conv2d-17          [-1, 256, 7, 7]         589,824
+      MaxPool2d-18          [-1, 256, 3, 3]               0
+    BatchNorm2d-19          [-1, 256, 3, 3]             512
+           GELU-20          [-1, 256, 3, 3]               0
+         Conv2d-21          [-1, 256, 3, 3]         589,824
+    BatchNorm2d-22          [-1, 256, 3, 3]             512
+           GELU-23          [-1, 256, 3, 3]               0
+      MaxPool2d-24          [-1, 256, 1, 1]               0
+         Linear-25                 [-1, 10]           2,560
+"""
+
 SEED_TABLES: list[tuple[str, SeedTable]] = [
     ("a7_net", SeedTable("001", A7_001, dropout=0.1)),
     ("custom_resnet_a8", SeedTable("000", A8_000, containers=("ResBlock",))),
     ("custom_resnet", SeedTable("002", A10_002)),
     ("custom_resnet", SeedTable("003", A10_003, dropout=0.1)),
     ("resnet18", SeedTable("004", R18_004, depth=3)),
+    ("fast_net", SeedTable("paper", FAST_NET_PAPER)),
 ]
 
 
@@ -398,3 +430,40 @@ def test_layers_match_seed_summary(name: str, table: SeedTable):
     for i, (g, e) in enumerate(zip(got, expected)):
         assert g == e, f"row {i + 1}: model {g} != seed {e}"
     assert len(got) == len(expected)
+
+
+def test_fast_net_whitening_layer_decorrelates_the_training_patches():
+    """After `init_from_data` the frozen 2x2 whitening filters give the patches unit variance and
+    no correlation (the first 12 channels; the other 12 are their negatives)."""
+    from cifarlab.models.fast_net import WHITEN_EPS, FastNet
+
+    torch.manual_seed(0)
+    images = torch.randn(64, 3, 1, 1) * torch.tensor([1.0, 2.0, 0.5]).view(1, 3, 1, 1) + 0.3 * torch.randn(64, 3, 16, 16)
+    images = images + torch.randn(64, 1, 16, 16)        # correlated channels, correlated neighbours
+    model = FastNet()
+    model.init_from_data(images)
+    assert not model.whiten.weight.requires_grad
+    out = torch.nn.functional.conv2d(images, model.whiten.weight)          # the layer without its bias
+    flat = out.permute(0, 2, 3, 1).reshape(-1, 24).double()
+    flat = flat - flat.mean(0)
+    covariance = flat[:, :12].T @ flat[:, :12] / len(flat)
+    assert torch.allclose(covariance, torch.eye(12, dtype=torch.double), atol=5 * WHITEN_EPS ** 0.5)
+    assert torch.equal(model.whiten.weight[12:], -model.whiten.weight[:12])
+
+
+def test_build_model_initialises_a_data_dependent_network_from_the_training_images():
+    from cifarlab.models.classifier import Classifier, build_model
+    from cifarlab.params import ModelParams
+    from cifarlab.runtime import Runtime
+    from cifarlab.sources import make_synthetic
+
+    runtime = Runtime(torch.device("cpu"), "fp32", False, 0)
+    images = make_synthetic(200, 10, seed=0).train.images
+    with pytest.raises(ValueError, match="fast_net initialises from training images"):
+        build_model(ModelParams("fast_net", 0.0), runtime, 10)
+    torch.manual_seed(0)
+    model = build_model(ModelParams("fast_net", 0.0), runtime, 10, images)
+    reference = Classifier("fast_net")
+    reference.init_from_data(images)
+    assert torch.equal(model.net.whiten.weight, reference.net.whiten.weight)
+    assert not Classifier("a7_net").needs_data_init

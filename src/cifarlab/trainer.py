@@ -168,7 +168,7 @@ def fit(params: Params, dataset: Dataset, runtime: Runtime, world: Distributed =
     seed_everything(train.seed + world.rank, params.runtime.deterministic)
     loader = train_loader(dataset.train, params.augment, train.batch_size, train.seed,
                           runtime, world.rank, world.world_size)
-    net = build_model(params.model, runtime, len(dataset.classes))
+    net = build_model(params.model, runtime, len(dataset.classes), dataset.train.images)
     model = net
     if world.enabled:
         model = torch.nn.parallel.DistributedDataParallel(

@@ -60,4 +60,5 @@ from cifarlab.models import custom_resnet  # noqa: E402,F401
 from cifarlab.models import a7_net  # noqa: E402,F401
 from cifarlab.models import custom_resnet_a8  # noqa: E402,F401
 from cifarlab.models import resnet18  # noqa: E402,F401
+from cifarlab.models import fast_net  # noqa: E402,F401
 

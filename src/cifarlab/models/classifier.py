@@ -3,6 +3,9 @@ normalisation, so every consumer feeds raw uint8-range images and none can norma
 
 from __future__ import annotations
 
+from typing import Optional
+
+import numpy as np
 import torch
 from torch import nn
 
@@ -39,6 +42,20 @@ class Classifier(nn.Module):
     def cam_layer(self) -> nn.Module:
         return self.net.get_submodule(model_spec(self.arch).cam_layer)
 
+    @property
+    def needs_data_init(self) -> bool:
+        """Whether the network sets some weights from training images (e.g. fast_net's whitening)."""
+        return hasattr(self.net, "init_from_data")
+
+    @torch.no_grad()
+    def init_from_data(self, images: np.ndarray) -> None:
+        """Let the network set its data-dependent weights from uint8 HWC training images [N, H, W, 3]
+        (normalised here as in `forward`); a no-op for networks without such weights."""
+        if self.needs_data_init:
+            batch = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+            device = next(self.parameters()).device
+            self.net.init_from_data(self.normalize(batch.to(device)))
+
 
 def prepare_model(model: nn.Module, runtime: Runtime) -> nn.Module:
     model = model.to(runtime.device)
@@ -47,6 +64,16 @@ def prepare_model(model: nn.Module, runtime: Runtime) -> nn.Module:
     return model
 
 
-def build_model(params: ModelParams, runtime: Runtime, num_classes: int) -> Classifier:
-    """A fresh model from params, on the runtime's device and memory format."""
-    return prepare_model(Classifier(params.name, params.dropout, num_classes), runtime)
+DATA_INIT_IMAGES = 5000   # training images a data-dependent initialisation reads (airbench94 uses 5000)
+
+
+def build_model(params: ModelParams, runtime: Runtime, num_classes: int,
+                train_images: Optional[np.ndarray] = None) -> Classifier:
+    """A fresh model from params, on the runtime's device and memory format; a network with
+    data-dependent weights is initialised from the first DATA_INIT_IMAGES of `train_images`."""
+    model = Classifier(params.name, params.dropout, num_classes)
+    if model.needs_data_init:
+        if train_images is None:
+            raise ValueError(f"model {params.name} initialises from training images: pass train_images")
+        model.init_from_data(train_images[:DATA_INIT_IMAGES])
+    return prepare_model(model, runtime)
