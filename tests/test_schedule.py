@@ -72,3 +72,29 @@ def test_optimizers(default_params, name, cls):
         assert optimizer.defaults["nesterov"] and optimizer.defaults["momentum"] == 0.9
     else:
         assert optimizer.defaults["betas"][0] == 0.9
+
+
+def test_bias_lr_scale_trains_biases_and_norm_shifts_at_a_multiple_of_the_lr(default_params):
+    """optim.bias_lr_scale: a second param group (the < 2-D parameters) at scale x the LR and
+    weight decay / scale, and OneCycle keeps that ratio at every step; frozen parameters train in none."""
+    from cifarlab.models.classifier import Classifier
+    from cifarlab.params import parse_params
+    from cifarlab.schedule import build_optimizer, build_scheduler, onecycle_for
+
+    params = parse_params(merge(default_params, {"optim": {"name": "sgd", "bias_lr_scale": 64.0,
+                                                           "weight_decay": 0.0128, "nesterov": True},
+                                                 "model": {"name": "fast_net"}}))
+    model = Classifier("fast_net")
+    optimizer = build_optimizer(model, params.optim, lr=0.01)
+    weights, biases = optimizer.param_groups
+    assert all(p.ndim >= 2 for p in weights["params"]) and all(p.ndim < 2 for p in biases["params"])
+    assert biases["lr"] == 0.64 and biases["weight_decay"] == 0.0128 / 64
+    assert all(p is not model.net.whiten.weight for p in weights["params"])   # frozen: in no group
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == sum(p.requires_grad for p in model.parameters())
+    scheduler = build_scheduler(optimizer, onecycle_for(params.train, 10, 0.1), cycle_momentum=True)
+    for _ in range(params.train.epochs * 10 - 1):
+        assert abs(biases["lr"] - 64 * weights["lr"]) < 1e-9 * biases["lr"]
+        optimizer.step()
+        scheduler.step()
+    one_group = build_optimizer(model, parse_params(default_params).optim, lr=0.01)
+    assert len(one_group.param_groups) == 1

@@ -190,6 +190,7 @@ class OptimParams:
     momentum: float = key(fraction_below_one)
     nesterov: bool = key(boolean)
     label_smoothing: float = key(fraction_below_one)
+    bias_lr_scale: float = key(float_at_least(1.0))
 
 
 @dataclass(frozen=True)

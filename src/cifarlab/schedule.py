@@ -76,19 +76,33 @@ def onecycle_lr(cycle: OneCycle, step: int) -> float:
     raise AssertionError("unreachable")
 
 
+def param_groups(model: torch.nn.Module, params: OptimParams, lr: float) -> list[dict]:
+    """One group for the weights; with `optim.bias_lr_scale` > 1 a second for the biases and norm
+    shifts (every parameter of fewer than 2 dimensions) at `bias_lr_scale` x the LR and weight decay
+    / `bias_lr_scale` (so their decay per step is unchanged), as airbench94 trains BatchNorm biases."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if params.bias_lr_scale == 1:
+        return [{"params": trainable, "lr": lr, "weight_decay": params.weight_decay}]
+    return [{"params": [p for p in trainable if p.ndim >= 2], "lr": lr, "weight_decay": params.weight_decay},
+            {"params": [p for p in trainable if p.ndim < 2], "lr": lr * params.bias_lr_scale,
+             "weight_decay": params.weight_decay / params.bias_lr_scale}]
+
+
 def build_optimizer(model: torch.nn.Module, params: OptimParams, lr: float) -> torch.optim.Optimizer:
+    """The optimizer of `optim.*`; the first param group is the weights', whose LR the logs show."""
+    groups = param_groups(model, params, lr)
     if params.name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=params.momentum,
-                               nesterov=params.nesterov and params.momentum > 0, weight_decay=params.weight_decay)
+        return torch.optim.SGD(groups, lr=lr, momentum=params.momentum, weight_decay=params.weight_decay,
+                               nesterov=params.nesterov and params.momentum > 0)
     optimizer_class = torch.optim.AdamW if params.name == "adamw" else torch.optim.Adam
-    return optimizer_class(model.parameters(), lr=lr, betas=(params.momentum, 0.999),
-                           weight_decay=params.weight_decay)
+    return optimizer_class(groups, lr=lr, betas=(params.momentum, 0.999), weight_decay=params.weight_decay)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cycle: OneCycle, cycle_momentum: bool):
     """torch OneCycleLR for `cycle`; call `.step()` after every optimizer step (every batch)."""
+    scales = [group["lr"] / optimizer.param_groups[0]["lr"] for group in optimizer.param_groups]
     return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cycle.max_lr, total_steps=cycle.total_steps, pct_start=cycle.pct_start,
+        optimizer, max_lr=[cycle.max_lr * scale for scale in scales], total_steps=cycle.total_steps, pct_start=cycle.pct_start,
         anneal_strategy=cycle.anneal_strategy, div_factor=cycle.div_factor,
         final_div_factor=cycle.final_div_factor, three_phase=cycle.three_phase,
         cycle_momentum=cycle_momentum)
