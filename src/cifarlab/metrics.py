@@ -47,3 +47,27 @@ class HorizontalFlipTTA(nn.Module):
         plain = self.model(x).float().log_softmax(1)
         flipped = self.model(torch.flip(x, dims=(3,))).float().log_softmax(1)
         return torch.logaddexp(plain, flipped) - math.log(2.0)
+
+
+class FlipTranslateTTA(nn.Module):
+    """`model` averaged over six views of each image: itself and its mirror image (weight 1/4 each),
+    and both shifted by one pixel up-left and down-right with reflected borders (1/8 each), as
+    airbench94's test-time augmentation (Jordan 2024, section 3.7). Returns log mean probabilities,
+    like HorizontalFlipTTA."""
+
+    SHIFT = 1
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        padded = nn.functional.pad(x.float(), (self.SHIFT,) * 4, mode="reflect")
+        views = [(x, 1 / 4), (padded[..., :height, :width], 1 / 8),
+                 (padded[..., 2 * self.SHIFT:, 2 * self.SHIFT:], 1 / 8)]
+        terms = []
+        for view, weight in views:
+            for image in (view, torch.flip(view, dims=(3,))):
+                terms.append(self.model(image).float().log_softmax(1) + math.log(weight))
+        return torch.logsumexp(torch.stack(terms), dim=0)
