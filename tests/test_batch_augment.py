@@ -9,6 +9,7 @@ import torch
 
 from cifarlab.batch_augment import MEAN_UINT8, BatchAugment, uniform
 from cifarlab.sources import make_synthetic
+from conftest import merge
 
 IMAGES = torch.from_numpy(make_synthetic(64, 10, seed=3).train.images).permute(0, 3, 1, 2).contiguous()
 INDICES = torch.arange(len(IMAGES))
@@ -95,7 +96,42 @@ def test_cutout_fills_one_square_inside_the_image_with_the_mean_colour():
 def test_from_params_takes_the_augment_section(default_params):
     from cifarlab.params import parse_params
 
-    params = parse_params(default_params).augment
-    aug = BatchAugment.from_params(params, alternate_flip=True)
+    params = parse_params(merge(default_params, {"augment": {"path": "batch", "alternate_flip": True}})).augment
+    aug = BatchAugment.from_params(params)
     assert (aug.pad, aug.pad_mode, aug.hflip, aug.cutout_size, aug.cutout_p, aug.alternate_flip) == (
         params.pad, params.pad_mode, params.hflip, params.cutout_size, params.cutout_p, True)
+
+
+def test_device_loader_gives_the_per_image_paths_batches_augmented_on_the_device(default_params):
+    """Same global batches as the worker loader for (seed, epoch); each batch is the gathered images
+    through BatchAugment; an epoch is reproducible and the next one differs."""
+    from cifarlab.loaders import DeviceBatchLoader, EpochLoader, ImageDataset, augment_path, train_loader
+    from cifarlab.params import parse_params
+    from cifarlab.runtime import Runtime
+
+    split = make_synthetic(100, 10, seed=1).train
+    params = parse_params(merge(default_params, {"augment": {"path": "batch", "alternate_flip": True}})).augment
+    runtime = Runtime(torch.device("cpu"), "fp32", False, 0)
+    loader = train_loader(split, params, 32, seed=7, runtime=runtime)
+    assert isinstance(loader, DeviceBatchLoader) and len(loader) == 4 and len(loader.epoch(1)) == 4
+    plain = EpochLoader(ImageDataset(split), 32, seed=7, num_workers=0, pin_memory=False)
+    aug = BatchAugment.from_params(params)
+    for (images, labels), (raw, raw_labels) in zip(loader.epoch(3), plain.epoch(3)):
+        assert torch.equal(labels, raw_labels)
+        indices = torch.tensor([int(np.flatnonzero((split.images == r.permute(1, 2, 0).numpy()).all((1, 2, 3)))[0])
+                                for r in raw])
+        assert torch.equal(images, aug(raw, indices, 7, 3))
+    first = [b[0] for b in loader.epoch(2)]
+    assert all(torch.equal(a, b[0]) for a, b in zip(first, loader.epoch(2)))
+    assert not all(torch.equal(a, b[0]) for a, b in zip(first, loader.epoch(3)))
+    assert augment_path(params, runtime) == ("batch", "augment.path")
+    auto = parse_params(merge(default_params, {"augment": {"path": "auto"}})).augment
+    assert augment_path(auto, runtime)[0] == "per_image"
+    assert augment_path(auto, Runtime(torch.device("cuda"), "bf16", True, 0))[0] == "batch"
+
+
+def test_alternate_flip_needs_the_batch_path(default_params):
+    from cifarlab.params import ParamsError, parse_params
+
+    with pytest.raises(ParamsError, match=r"`augment.alternate_flip` is true; allowed only with augment.path batch"):
+        parse_params(merge(default_params, {"augment": {"alternate_flip": True}}))

@@ -67,8 +67,9 @@ class BatchAugment:
     alternate_flip: bool = False
 
     @classmethod
-    def from_params(cls, params: AugmentParams, alternate_flip: bool = False) -> "BatchAugment":
-        return cls(params.pad, params.pad_mode, params.hflip, params.cutout_size, params.cutout_p, alternate_flip)
+    def from_params(cls, params: AugmentParams) -> "BatchAugment":
+        return cls(params.pad, params.pad_mode, params.hflip, params.cutout_size, params.cutout_p,
+                   params.alternate_flip)
 
     def __call__(self, images: torch.Tensor, indices: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
         """Augmented copy of uint8 `images` [B, C, H, W]; `indices` [B] are the images' split indices."""

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from cifarlab.augment import build_train_transform
+from cifarlab.batch_augment import BatchAugment
 from cifarlab.errors import CifarlabError
 from cifarlab.lifetime import worker_init
 from cifarlab.params import AugmentParams
@@ -101,11 +102,62 @@ def iterate_batches(split: Split, batch_size: int) -> Iterator[tuple[torch.Tenso
 
 
 def train_loader(split: Split, augment: AugmentParams, batch_size: int, seed: int, runtime: Runtime,
-                 rank: int = 0, world_size: int = 1) -> EpochLoader:
-    """The augmented (`augment` params), shuffled training loader with worker and pinning settings
-    for the device; in a distributed run, this process's share of every global batch."""
+                 rank: int = 0, world_size: int = 1) -> "EpochLoader | DeviceBatchLoader":
+    """The augmented (`augment` params), shuffled training loader for the device, on the path
+    `augment.path` chooses; in a distributed run, this process's share of every global batch."""
     if batch_size > len(split):
         raise CifarlabError(f"train.batch_size is {batch_size}; allowed: at most the training split size "
                             f"({len(split)})")
+    if augment_path(augment, runtime)[0] == "batch":
+        return DeviceBatchLoader(split, BatchAugment.from_params(augment), batch_size, seed, runtime.device,
+                                 rank, world_size)
     return EpochLoader(ImageDataset(split, build_train_transform(augment)), batch_size, seed, runtime.num_workers,
                        pin_memory=runtime.device.type == "cuda", rank=rank, world_size=world_size)
+
+
+class DeviceBatchLoader:
+    """The batch augmentation path: the whole split lives on the training device as uint8, and each
+    batch is gathered and augmented there (`batch_augment.BatchAugment`) with no worker processes.
+
+    Same batches as `EpochLoader` for the same (seed, epoch) (the same `GlobalBatchSampler`), and each
+    image's augmentation is a function of (seed, epoch, index), so resume and DDP behave the same.
+    """
+
+    def __init__(self, split: Split, augment: BatchAugment, batch_size: int, seed: int, device: torch.device,
+                 rank: int = 0, world_size: int = 1):
+        self.images = torch.from_numpy(split.images).to(device).permute(0, 3, 1, 2)   # a view: NCHW over NHWC
+        self.labels = torch.from_numpy(split.labels).to(device)
+        self.augment = augment
+        self.seed = seed
+        self.sampler = GlobalBatchSampler(len(split), batch_size, seed, rank, world_size)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def epoch(self, epoch: int) -> "_DeviceEpoch":
+        """`epoch`'s batches."""
+        return _DeviceEpoch(self, epoch)
+
+
+class _DeviceEpoch:
+    def __init__(self, loader: DeviceBatchLoader, epoch: int):
+        self.loader, self.number = loader, epoch
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        loader = self.loader
+        loader.sampler.epoch = self.number
+        for batch in loader.sampler:
+            indices = torch.tensor(batch, device=loader.images.device)
+            yield loader.augment(loader.images[indices], indices, loader.seed, self.number), loader.labels[indices]
+
+
+def augment_path(augment: AugmentParams, runtime: Runtime) -> tuple[str, str]:
+    """(path, why): `augment.path`, with `auto` resolved for the device."""
+    if augment.path != "auto":
+        return augment.path, "augment.path"
+    if runtime.device.type == "cuda":
+        return "batch", "augment.path auto on CUDA: per-image workers would hold a fast GPU back"
+    return "per_image", "augment.path auto on CPU: loader workers run beside the training threads"

@@ -181,6 +181,8 @@ class AugmentParams:
     hflip: float = key(probability)
     cutout_size: int = key(non_negative_int)
     cutout_p: float = key(probability)
+    path: str = key(one_of("per_image", "batch", "auto"))
+    alternate_flip: bool = key(boolean)
 
 
 @dataclass(frozen=True)
@@ -309,6 +311,9 @@ def _check_across_sections(params: Params) -> None:
         if value > IMAGE_SIDE:
             raise ParamsError(f"params key `augment.{name}` is {value}; allowed: 0..{IMAGE_SIDE} "
                               f"(at most the image side, {IMAGE_SIDE} pixels)")
+    if params.augment.alternate_flip and params.augment.path == "per_image":
+        raise ParamsError("params key `augment.alternate_flip` is true; allowed only with augment.path batch or auto "
+                          "(the per-image path flips at random)")
     if params.data.source == "synthetic" and train.batch_size > params.data.synthetic_train_size:
         raise ParamsError(
             f"params key `train.batch_size` is {train.batch_size}; allowed: at most the training split size "
