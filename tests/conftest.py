@@ -95,7 +95,7 @@ def stage_dir(tmp_path, tiny_params):
 
 # The tiny run's evaluate settings: sizes that differ from the defaults and from each other, so
 # the outputs must follow params; TTA on, so its figures appear beside the plain ones.
-TINY_RUN_EVALUATE = {"gallery_size": 6, "gradcam_size": 4, "tta_hflip": True}
+TINY_RUN_EVALUATE = {"gallery_size": 6, "gradcam_size": 4, "tta_hflip": True, "tta_translate": True}
 
 
 @pytest.fixture(scope="session")

@@ -40,7 +40,8 @@ def plain(tiny, tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("evaluate_plain") / "work"
     shutil.copytree(tiny, work, ignore=shutil.ignore_patterns("metrics", "plots"))
     params = yaml.safe_load((tiny / "params.yaml").read_text())
-    write_params(work, merge(params, {"evaluate": {"gallery_size": 0, "gradcam_size": 0, "tta_hflip": False}}))
+    write_params(work, merge(params, {"evaluate": {"gallery_size": 0, "gradcam_size": 0, "tta_hflip": False,
+                                                   "tta_translate": False}}))
     run(["python", "stages/evaluate.py"], work)
     return work
 
@@ -76,16 +77,16 @@ def test_lr_find_suggests_below_the_loss_minimum(tiny):
 
 def test_tta_figures_are_beside_the_plain_ones(tiny):
     metrics = read_json(tiny / "metrics/evaluate.json")
-    assert {"accuracy", "loss", "correct", "tta_hflip"} <= metrics.keys()
-    assert set(metrics["tta_hflip"]) == {"accuracy", "loss", "correct"}
-    for figures in (metrics, metrics["tta_hflip"]):
+    assert {"accuracy", "loss", "correct", "tta_hflip", "tta_translate"} <= metrics.keys()
+    assert set(metrics["tta_hflip"]) == set(metrics["tta_translate"]) == {"accuracy", "loss", "correct"}
+    for figures in (metrics, metrics["tta_hflip"], metrics["tta_translate"]):
         assert 0.0 <= figures["accuracy"] <= 1.0 and figures["loss"] > 0
         assert figures["accuracy"] == pytest.approx(figures["correct"] / metrics["test_images"])
 
 
 def test_tta_never_replaces_the_plain_figures(tiny, plain):
     with_tta, without = read_json(tiny / "metrics/evaluate.json"), read_json(plain / "metrics/evaluate.json")
-    assert "tta_hflip" not in without
+    assert "tta_hflip" not in without and "tta_translate" not in without
     assert (with_tta["accuracy"], with_tta["loss"], with_tta["correct"]) == \
         (without["accuracy"], without["loss"], without["correct"])
     assert with_tta["per_class_accuracy"] == without["per_class_accuracy"]
@@ -134,7 +135,7 @@ def test_gradcam_uses_the_registry_layer_in_fp32_on_cpu(tiny):
     arch = read_json(tiny / "metrics/evaluate.json")["arch"]
     assert record["gradcam_layer"] == model_spec(arch).cam_layer
     assert (record["gradcam_device"], record["gradcam_precision"]) == ("cpu", "fp32")
-    assert {"plain", "tta_hflip", "gradcam", "total"} <= record["seconds"].keys()
+    assert {"plain", "tta_hflip", "tta_translate", "gradcam", "total"} <= record["seconds"].keys()
 
 
 def test_figures_are_written(tiny, plain):
@@ -196,7 +197,8 @@ def test_declared_metrics_and_per_class_plot_repeat_the_full_record(tiny, plain)
         full, declared = read_json(work / "metrics/evaluate.json"), read_json(work / "metrics/test.json")
         expected = {"accuracy": full["accuracy"], "loss": full["loss"]}
         if tta:
-            expected["tta_hflip"] = {key: full["tta_hflip"][key] for key in ("accuracy", "loss")}
+            expected |= {name: {key: full[name][key] for key in ("accuracy", "loss")}
+                         for name in ("tta_hflip", "tta_translate")}
         assert declared == expected
         with open(work / "plots/per_class.csv", newline="") as handle:
             rows = list(csv.DictReader(handle))

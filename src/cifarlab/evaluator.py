@@ -1,8 +1,9 @@
 """The evaluate stage's work: the trained checkpoint on the held-out test split only.
 
-Every measurement goes through `loops.evaluate`: the plain model, and (with `evaluate.tta_hflip`)
-the same model averaged over each image and its mirror image, reported under its own keys beside
-the plain figures, never instead of them. Writes the test figures (metrics/evaluate.json, the
+Every measurement goes through `loops.evaluate`: the plain model, and the test-time augmentations
+switched on in `evaluate.*` (`tta_hflip`: each image and its mirror image; `tta_translate`: those
+and their 1-pixel shifts, six views), each reported under its own key beside the plain figures,
+never instead of them. Writes the test figures (metrics/evaluate.json, the
 `dvc exp show` summary metrics/test.json), the per-class and confusion plots, the gallery of the
 most confident mistakes and their Grad-CAM maps, and the run details (metrics/evaluate_run.json).
 Grad-CAM runs on an fp32 CPU copy of the model.
@@ -18,12 +19,15 @@ from cifarlab.checkpoint import load_checkpoint
 from cifarlab.gradcam import cam_layer_name, grad_cam
 from cifarlab.loaders import iterate_batches
 from cifarlab.loops import evaluate
-from cifarlab.metrics import HorizontalFlipTTA, confusion_matrix, most_confident_mistakes, per_class_accuracy
+from cifarlab.metrics import FlipTranslateTTA, HorizontalFlipTTA, confusion_matrix, most_confident_mistakes, per_class_accuracy
 from cifarlab.models.classifier import prepare_model
 from cifarlab.params import Params
 from cifarlab.plots import confusion_figure, gallery_figure, gradcam_figure, per_class_figure
 from cifarlab.runtime import select_runtime
 from cifarlab.storage import load_dataset
+
+# Test-time augmentations by their `evaluate.*` switch, which is also their key in the metrics.
+TTA_VARIANTS = {"tta_hflip": HorizontalFlipTTA, "tta_translate": FlipTranslateTTA}
 
 
 def evaluate_checkpoint(params: Params) -> dict:
@@ -45,18 +49,20 @@ def evaluate_checkpoint(params: Params) -> dict:
     metrics = {"accuracy": result["accuracy"], "loss": result["loss"], "correct": int((predicted == target).sum()),
                "test_images": result["count"], "split": "test", "data_source": dataset.source,
                "arch": checkpoint["arch"]}
-    if settings.tta_hflip:
+    for name, wrapper in TTA_VARIANTS.items():
+        if not getattr(settings, name):
+            continue
         timer = time.perf_counter()
-        tta = evaluate(HorizontalFlipTTA(model), iterate_batches(dataset.test, settings.batch_size), runtime)
-        seconds["tta_hflip"] = time.perf_counter() - timer
-        metrics["tta_hflip"] = {"accuracy": tta["accuracy"], "loss": tta["loss"],
-                                "correct": int((tta["predicted"] == tta["target"]).sum())}
+        tta = evaluate(wrapper(model), iterate_batches(dataset.test, settings.batch_size), runtime)
+        seconds[name] = time.perf_counter() - timer
+        metrics[name] = {"accuracy": tta["accuracy"], "loss": tta["loss"],
+                         "correct": int((tta["predicted"] == tta["target"]).sum())}
     matrix = confusion_matrix(target, predicted, len(classes))
     metrics["per_class_accuracy"] = per_class_accuracy(matrix, classes)
     write_json(paths.EVAL_METRICS, metrics)
     # What `dvc exp show` compares: the test figures only, each once (the rest are run details above).
-    write_json(paths.TEST_SUMMARY, {key: metrics[key] for key in ("accuracy", "loss")} | (
-        {"tta_hflip": {key: metrics["tta_hflip"][key] for key in ("accuracy", "loss")}} if settings.tta_hflip else {}))
+    write_json(paths.TEST_SUMMARY, {key: metrics[key] for key in ("accuracy", "loss")} | {
+        name: {key: metrics[name][key] for key in ("accuracy", "loss")} for name in TTA_VARIANTS if name in metrics})
     with atomic_path(paths.PER_CLASS) as tmp:
         tmp.write_text("class,accuracy\n" + "".join(
             f"{name},{value!r}\n" for name, value in metrics["per_class_accuracy"].items()))
@@ -100,8 +106,8 @@ def evaluate_checkpoint(params: Params) -> dict:
         **runtime.describe(), "gradcam_layer": layer, "gradcam_device": "cpu", "gradcam_precision": "fp32",
         "gallery_images": int(len(gallery)), "gradcam_images": int(len(shown)),
         "params": {"evaluate": params.to_dict()["evaluate"]}})
-    tta_line = (f"; with hflip TTA {metrics['tta_hflip']['accuracy']:.4f}, loss {metrics['tta_hflip']['loss']:.4f}"
-                if settings.tta_hflip else "")
+    tta_line = "".join(f"; with {name} {metrics[name]['accuracy']:.4f}, loss {metrics[name]['loss']:.4f}"
+                       for name in TTA_VARIANTS if name in metrics)
     print(f"evaluate: test accuracy {result['accuracy']:.4f}, loss {result['loss']:.4f} "
           f"on {result['count']} {dataset.source} test images{tta_line}")
     return metrics

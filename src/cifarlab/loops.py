@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 import torch
@@ -68,12 +68,13 @@ class DivergenceGuard:
 def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer, scheduler,
                     runtime: Runtime, label_smoothing: float = 0.0, scaler=None,
                     progress: Optional[tqdm] = None, guard: Optional[DivergenceGuard] = None,
-                    lrs: Optional[list[float]] = None) -> dict:
+                    lrs: Optional[list[float]] = None, after_step: Optional[Callable[[int], None]] = None) -> dict:
     """One pass over `batches`, stepping the scheduler after every batch.
 
     Loss and correct counts accumulate on the device: there is no host sync per batch except
     every few batches, where the progress bar reads the running loss and the divergence guard is
     checked. `lrs` is the run's per-batch LR log so far; this epoch's LRs are appended to it.
+    `after_step(n)` runs after the n-th optimizer step of the run (e.g. lookahead).
     """
     model.train()
     loss_sum = torch.zeros((), device=runtime.device)
@@ -101,6 +102,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
             # Stepping past the last batch would ask OneCycleLR for an LR beyond its cycle
             # (a division by zero when the peak is at the very end).
             scheduler.step()
+        if after_step is not None:
+            after_step(step + 1)
         loss_sum += loss.detach() * len(labels)
         correct += (logits.argmax(1) == labels).sum()
         seen += len(labels)

@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch_lr_finder import LRFinder
+from torch_lr_finder.lr_finder import TrainDataLoaderIter
 
 from cifarlab.runtime import Runtime
 from cifarlab.params import LrFindParams
@@ -62,6 +63,8 @@ def range_test(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader,
         amp = {"amp_backend": "torch",
                "amp_config": {"device_type": runtime.device.type, "dtype": runtime.autocast_dtype},
                "grad_scaler": torch.amp.GradScaler(runtime.device.type, enabled=runtime.needs_grad_scaler())}
+    if not isinstance(loader, torch.utils.data.DataLoader):
+        loader = TrainDataLoaderIter(loader)   # the batch path's epoch (loaders.DeviceBatchLoader)
     finder = _StoppingFinder(model, optimizer, criterion, device=runtime.device, rebound=params.stop_rebound, **amp)
     # torch-lr-finder prints advice meant for its own plotting API ("See the graph with ..."): not ours.
     with contextlib.redirect_stdout(io.StringIO()):

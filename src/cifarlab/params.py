@@ -193,6 +193,7 @@ class OptimParams:
     nesterov: bool = key(boolean)
     label_smoothing: float = key(fraction_below_one)
     bias_lr_scale: float = key(float_at_least(1.0))
+    lookahead: bool = key(boolean)
 
 
 @dataclass(frozen=True)
@@ -228,6 +229,7 @@ class EvaluateParams:
     gallery_size: int = key(non_negative_int)
     gradcam_size: int = key(non_negative_int)
     tta_hflip: bool = key(boolean)
+    tta_translate: bool = key(boolean)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import time
@@ -28,15 +29,15 @@ from tqdm import tqdm
 from cifarlab import paths
 from cifarlab.atomic import atomic_path, write_json
 from cifarlab.checkpoint import save_checkpoint
-from cifarlab.loaders import iterate_batches
+from cifarlab.loaders import augment_path, iterate_batches, train_loader
 from cifarlab.storage import Dataset
 from cifarlab.distributed import Distributed, check_batch_size, gather_objects
-from cifarlab.loaders import train_loader
 from cifarlab.loops import DivergenceGuard, evaluate, train_one_epoch, TrainingDiverged
 from cifarlab.models.classifier import build_model
 from cifarlab.runtime import rng_state, Runtime, seed_everything, set_rng_state
 from cifarlab.errors import CifarlabError
 from cifarlab.lifetime import signal_name, stop_signal
+from cifarlab.lookahead import Lookahead
 from cifarlab.params import Params, ParamsError, read_yaml
 from cifarlab.schedule import build_optimizer, build_scheduler, onecycle_for
 
@@ -180,6 +181,7 @@ def fit(params: Params, dataset: Dataset, runtime: Runtime, world: Distributed =
     scheduler = build_scheduler(optimizer, cycle, train.cycle_momentum)
     scaler = torch.amp.GradScaler("cuda") if runtime.needs_grad_scaler() else None
     guard = DivergenceGuard(train.diverge_factor, runtime.device, divergence_advice(train.max_lr, max_lr))
+    lookahead = Lookahead(net, cycle.total_steps) if params.optim.lookahead else None
     history: dict[str, list[float]] = {name: [] for name in LOGGED}
     lrs: list[float] = []
     epoch_seconds: list[float] = []
@@ -197,14 +199,19 @@ def fit(params: Params, dataset: Dataset, runtime: Runtime, world: Distributed =
             scaler.load_state_dict(state["scaler"])
         guard.load_state_dict(state["guard"][world.rank])   # each process's own guard and RNG states
         set_rng_state(state["rng"][world.rank])
+        if lookahead is not None:
+            lookahead.load_state_dict(state["lookahead"])
         history, lrs = state["history"], state["lrs"]
         epoch_seconds, images_per_second = state["epoch_seconds"], state["images_per_second"]
         first_epoch = state["epoch"] + 1
 
+    augmentation, augmentation_reason = augment_path(params.augment, runtime)
     if world.is_main:
         print(f"train: {params.model.name} on {len(dataset.train)} {dataset.source} images, "
               f"{train.epochs} epochs x {len(loader)} steps, max_lr {max_lr:.3g} "
-              f"({'lr_find' if train.max_lr == 'find' else 'params'}), {runtime.device} {runtime.precision}"
+              f"({'lr_find' if train.max_lr == 'find' else 'params'}), {runtime.device} {runtime.precision}, "
+              f"augmentation on the {'device, whole batches' if augmentation == 'batch' else 'CPU, per image'} "
+              f"({augmentation_reason})"
               + (f", {world.world_size} processes" if world.enabled else ""))
     logger = (Live(str(paths.TRAIN_LIVE_DIR), dvcyaml=False, save_dvc_exp=False) if world.is_main
               else contextlib.nullcontext())
@@ -218,7 +225,10 @@ def fit(params: Params, dataset: Dataset, runtime: Runtime, world: Distributed =
                 with tqdm(total=len(loader), desc=f"epoch {epoch}/{train.epochs}", leave=False,
                           disable=not world.is_main) as bar:
                     result = train_one_epoch(trained, loader.epoch(epoch), optimizer, scheduler, runtime,
-                                             params.optim.label_smoothing, scaler, bar, guard, lrs)
+                                             params.optim.label_smoothing, scaler, bar, guard, lrs,
+                                             after_step=lookahead.after_step if lookahead is not None else None)
+                    if lookahead is not None and epoch == train.epochs:
+                        lookahead.finish()             # the model keeps the averaged weights
                 seconds = time.perf_counter() - started
                 epoch_seconds.append(seconds)
                 images_per_second.append(result["images"] / seconds)
@@ -232,7 +242,7 @@ def fit(params: Params, dataset: Dataset, runtime: Runtime, world: Distributed =
                     history[name].append(row[name])
                 _log(live, epoch, row)
                 _save_state(state_file, fingerprint, epoch, net, optimizer, scheduler, scaler, per_process,
-                            history, lrs, epoch_seconds, images_per_second)
+                            history, lrs, epoch_seconds, images_per_second, lookahead)
                 print(f"epoch {epoch:3d}  lr {row['lr']:.3e}  train loss {row['train/loss']:.4f} "
                       f"acc {row['train/accuracy']:.4f}  test loss {row['test/loss']:.4f} "
                       f"acc {row['test/accuracy']:.4f}  {seconds:.1f}s {result['images'] / seconds:.0f} img/s")
@@ -257,6 +267,10 @@ def fit(params: Params, dataset: Dataset, runtime: Runtime, world: Distributed =
 
     with atomic_path(paths.LR_SCHEDULE) as tmp:
         tmp.write_text("step,lr\n" + "".join(f"{i},{lr!r}\n" for i, lr in enumerate(lrs)))
+    with atomic_path(paths.TIME_TO_ACCURACY) as tmp:   # test accuracy against cumulative training seconds
+        tmp.write_text("epoch,seconds,accuracy\n" + "".join(
+            f"{epoch},{seconds!r},{accuracy!r}\n" for epoch, seconds, accuracy in
+            zip(range(1, train.epochs + 1), itertools.accumulate(epoch_seconds), history["test/accuracy"])))
     write_json(paths.TRAIN_SPEED, {
         "images_per_second": sum(images_per_second) / len(images_per_second),
         "epoch_seconds_mean": sum(epoch_seconds) / len(epoch_seconds),
@@ -282,12 +296,13 @@ def _log(live: Live, epoch: int, row: dict[str, float]) -> None:
 
 
 def _save_state(path: Path, fingerprint: str, epoch: int, model, optimizer, scheduler, scaler, per_process,
-                history, lrs, epoch_seconds, images_per_second) -> None:
+                history, lrs, epoch_seconds, images_per_second, lookahead: Optional[Lookahead]) -> None:
     state = {"fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(),
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "scaler": scaler.state_dict() if scaler is not None else None,
              "guard": [p["guard"] for p in per_process], "rng": [p["rng"] for p in per_process],
              "history": history, "lrs": lrs, "epoch_seconds": epoch_seconds,
-             "images_per_second": images_per_second}
+             "images_per_second": images_per_second,
+             "lookahead": lookahead.state_dict() if lookahead is not None else None}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
