@@ -75,8 +75,8 @@ def test_optimizers(default_params, name, cls):
 
 
 def test_bias_lr_scale_trains_biases_and_norm_shifts_at_a_multiple_of_the_lr(default_params):
-    """optim.bias_lr_scale: a second param group (the < 2-D parameters) at scale x the LR and
-    weight decay / scale, and OneCycle keeps that ratio at every step; frozen parameters train in none."""
+    """optim.bias_lr_scale: a second param group (the normalisation layers' parameters) at scale x the
+    LR and weight decay / scale, and OneCycle keeps that ratio at every step; frozen parameters train in none."""
     from cifarlab.models.classifier import Classifier
     from cifarlab.params import parse_params
     from cifarlab.schedule import build_optimizer, build_scheduler, onecycle_for
@@ -87,7 +87,9 @@ def test_bias_lr_scale_trains_biases_and_norm_shifts_at_a_multiple_of_the_lr(def
     model = Classifier("fast_net")
     optimizer = build_optimizer(model, params.optim, lr=0.01)
     weights, biases = optimizer.param_groups
-    assert all(p.ndim >= 2 for p in weights["params"]) and all(p.ndim < 2 for p in biases["params"])
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert [id(p) for p in biases["params"]] == [id(m.bias) for m in norms]     # the shifts; scales are frozen
+    assert any(p is model.net.whiten.bias for p in weights["params"])          # other biases train at the LR
     assert biases["lr"] == 0.64 and biases["weight_decay"] == 0.0128 / 64
     assert all(p is not model.net.whiten.weight for p in weights["params"])   # frozen: in no group
     assert sum(len(g["params"]) for g in optimizer.param_groups) == sum(p.requires_grad for p in model.parameters())

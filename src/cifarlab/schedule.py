@@ -76,15 +76,19 @@ def onecycle_lr(cycle: OneCycle, step: int) -> float:
     raise AssertionError("unreachable")
 
 
+NORMS = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
+
+
 def param_groups(model: torch.nn.Module, params: OptimParams, lr: float) -> list[dict]:
-    """One group for the weights; with `optim.bias_lr_scale` > 1 a second for the biases and norm
-    shifts (every parameter of fewer than 2 dimensions) at `bias_lr_scale` x the LR and weight decay
-    / `bias_lr_scale` (so their decay per step is unchanged), as airbench94 trains BatchNorm biases."""
+    """One group for the weights; with `optim.bias_lr_scale` > 1 a second for the normalisation
+    layers' parameters (the shifts, where the scales are frozen) at `bias_lr_scale` x the LR and weight
+    decay / `bias_lr_scale` (so their decay per step is unchanged), as airbench94 trains BatchNorm biases."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     if params.bias_lr_scale == 1:
         return [{"params": trainable, "lr": lr, "weight_decay": params.weight_decay}]
-    return [{"params": [p for p in trainable if p.ndim >= 2], "lr": lr, "weight_decay": params.weight_decay},
-            {"params": [p for p in trainable if p.ndim < 2], "lr": lr * params.bias_lr_scale,
+    norm = {id(p) for m in model.modules() if isinstance(m, NORMS) for p in m.parameters(recurse=False)}
+    return [{"params": [p for p in trainable if id(p) not in norm], "lr": lr, "weight_decay": params.weight_decay},
+            {"params": [p for p in trainable if id(p) in norm], "lr": lr * params.bias_lr_scale,
              "weight_decay": params.weight_decay / params.bias_lr_scale}]
 
 
