@@ -24,6 +24,7 @@ stderr; --json writes the same numbers. Nothing is written to the repository.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -43,15 +44,14 @@ from albumentations.pytorch import ToTensorV2
 from tqdm import tqdm
 
 from cifarlab.augment import IMAGE_SIZE
-from cifarlab.loaders import iterate_batches
-from cifarlab.sources import make_synthetic
-from cifarlab.storage import CIFAR_MEAN, CIFAR_STD, Dataset, load_dataset, Split
-from cifarlab.loaders import train_loader
+from cifarlab.loaders import augment_path, iterate_batches, train_loader
 from cifarlab.loops import DivergenceGuard, evaluate, train_one_epoch
-from cifarlab.models.classifier import build_model
-from cifarlab.runtime import cpu_supports_bf16, Runtime, seed_everything, select_runtime
 from cifarlab.models import create_model
+from cifarlab.models.classifier import build_model
 from cifarlab.params import Params, parse_params
+from cifarlab.runtime import Runtime, cpu_supports_bf16, seed_everything, select_runtime
+from cifarlab.sources import make_synthetic
+from cifarlab.storage import CIFAR_MEAN, CIFAR_STD, Dataset, Split, load_dataset
 from cifarlab.schedule import build_optimizer, build_scheduler, onecycle_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -211,6 +211,17 @@ class PipelinePath(TimedPath):
         self.iterator = None   # shuts down loader workers, if any
 
 
+def with_augment_path(params: Params, path: str) -> Params:
+    """`params` with `augment.path` set to `path` (alternating flips only where the batch path runs)."""
+    augment = dataclasses.replace(params.augment, path=path,
+                                  alternate_flip=params.augment.alternate_flip and path == "batch")
+    return dataclasses.replace(params, augment=augment)
+
+
+def other_augment_path(params: Params, runtime: Runtime) -> str:
+    return "per_image" if augment_path(params.augment, runtime)[0] == "batch" else "batch"
+
+
 def time_loader(params: Params, runtime: Runtime, dataset: Dataset, warmup: int, batches: int) -> dict:
     loader = train_loader(dataset.train, params.augment, params.train.batch_size,
                           params.train.seed, runtime)
@@ -334,7 +345,8 @@ def run_training_paths(args, params: Params, runtime: Runtime, dataset: Dataset,
     batches alternate one at a time between paths (one `train_one_epoch` call per batch), so a
     change in background load during the run hits every path alike.
     """
-    names = ["pipeline"] + ([] if args.skip_reference else ["reference"]) + (["compiled"] if args.compile else [])
+    names = (["pipeline"] + ([] if args.skip_reference else ["reference"]) + (["compiled"] if args.compile else [])
+             + (["other_augment_path"] if args.both_augment_paths else []))
     total = args.warmup + args.batches
     results: dict = {"compile_status": "ok" if args.compile else "not run (pass --compile)"}
 
@@ -342,6 +354,9 @@ def run_training_paths(args, params: Params, runtime: Runtime, dataset: Dataset,
         log(f"building and warming up the {name} path" + (" (compiling)" if name == "compiled" else ""))
         if name == "reference":
             path = ReferencePath(params, runtime.device, dataset, total)
+        elif name == "other_augment_path":
+            path = PipelinePath(with_augment_path(params, other_augment_path(params, runtime)), runtime, dataset,
+                                total, label=name)
         else:
             path = PipelinePath(params, runtime, dataset, total, compile_model=name == "compiled", label=name)
         path.warmup(args.warmup if name != "compiled" else max(args.warmup, 1))
@@ -442,6 +457,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="warm up all training paths first, then alternate their timed batches one at a time "
                              "(robust to changing background load; default: time each path in turn)")
     parser.add_argument("--skip-reference", action="store_true", help="do not time the seed-style loop")
+    parser.add_argument("--both-augment-paths", action="store_true",
+                        help="also time training on the other augmentation path (augment.path per_image vs batch)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
     if args.batches < 1 or args.warmup < 0 or args.batch_size < 1:
@@ -473,9 +490,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         f"{runtime.device} {runtime.precision} channels_last={runtime.channels_last} workers={runtime.num_workers} "
         f"threads={torch.get_num_threads()}")
 
-    log("timing the pipeline's loader alone")
-    loader = time_loader(params, runtime, dataset, args.warmup, args.batches)
-    out["loader_images_per_s"] = loader["images_per_s"]
+    configured, why = augment_path(params.augment, runtime)
+    out["augment_path"] = f"{configured} ({why})"
+    for path in ("per_image", "batch"):
+        log(f"timing the {path} augmentation path's loader alone")
+        loader = time_loader(with_augment_path(params, path), runtime, dataset, args.warmup, args.batches)
+        out[f"loader_{path}_images_per_s"] = loader["images_per_s"]
+    out["loader_images_per_s"] = out[f"loader_{configured}_images_per_s"]
 
     timed = run_training_paths(args, params, runtime, dataset, out)
     pipeline = timed["pipeline"]
@@ -495,6 +516,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     out["eval_images_per_s"] = evaluation["images_per_s"]
     out["eval_images"] = evaluation["images"]
 
+    if "other_augment_path" in timed:
+        other = timed["other_augment_path"]
+        out["other_augment_path"] = other_augment_path(params, runtime)
+        report_path(out, "other_augment_path", other, "images_per_s", "data_wait_share")
     out["compile_status"] = timed["compile_status"]
     if "compiled" in timed:
         compiled = {**timed["compiled"], "speedup": timed["compiled"]["images_per_s"] / pipeline["images_per_s"]}
