@@ -50,9 +50,9 @@ from cifarlab.models import create_model
 from cifarlab.models.classifier import build_model
 from cifarlab.params import Params, parse_params
 from cifarlab.runtime import Runtime, cpu_supports_bf16, seed_everything, select_runtime
+from cifarlab.schedule import build_optimizer, build_scheduler, onecycle_for
 from cifarlab.sources import make_synthetic
 from cifarlab.storage import CIFAR_MEAN, CIFAR_STD, Dataset, Split, load_dataset
-from cifarlab.schedule import build_optimizer, build_scheduler, onecycle_for
 
 REPO = Path(__file__).resolve().parents[1]
 FALLBACK_MAX_LR = 1.7e-3   # used when train.max_lr is `find` and no lr_find result exists; speed ignores it

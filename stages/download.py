@@ -6,10 +6,10 @@ import tempfile
 from pathlib import Path
 
 from cifarlab import paths
-from cifarlab.sources import fetch, make_synthetic, read_cifar10_tarball
-from cifarlab.storage import save_dataset
 from cifarlab.errors import run_stage
 from cifarlab.params import load_params
+from cifarlab.sources import fetch, make_synthetic, read_cifar10_tarball
+from cifarlab.storage import save_dataset
 
 
 def main() -> None:

@@ -1,44 +1,16 @@
-"""lr_find stage: LR range test with the training model, optimizer, batch size and augmentation."""
+"""lr_find stage: LR range test with the training model, optimizer, batch size and augmentation
+(see cifarlab.lr_finder.find_max_lr)."""
 
 import _src  # noqa: F401  (this checkout's src/ first: see stages/_src.py)
 
-from cifarlab import paths
-from cifarlab.atomic import atomic_path, write_json
-from cifarlab.storage import load_dataset
-from cifarlab.loaders import train_loader
-from cifarlab.models.classifier import build_model
-from cifarlab.runtime import seed_everything, select_runtime
 from cifarlab.errors import run_stage
-from cifarlab.lr_finder import range_test
-from cifarlab.lr_rules import suggestions, window
-from cifarlab.params import load_params
-from cifarlab.schedule import build_optimizer
 
 
 def main() -> None:
-    params = load_params()
-    runtime = select_runtime(params.runtime)
-    dataset = load_dataset(paths.DATA_DIR)
-    seed_everything(params.train.seed)
-    loader = train_loader(dataset.train, params.augment, params.train.batch_size,
-                          params.train.seed, runtime)
-    model = build_model(params.model, runtime, len(dataset.classes), dataset.train.images)
-    optimizer = build_optimizer(model, params.optim, lr=params.lr_find.start_lr)
-    lrs, losses = range_test(model, optimizer, loader.epoch(0), runtime, params.lr_find,
-                             params.optim.label_smoothing)
-    descent = window(lrs, losses)          # a curve with no usable descent stops here with one line
-    candidates = suggestions(descent)
-    rule = params.lr_find.rule
-    max_lr = candidates[rule]
-    with atomic_path(paths.LR_FIND_CURVE) as tmp:
-        tmp.write_text("lr,loss\n" + "".join(f"{lr!r},{loss!r}\n" for lr, loss in zip(lrs, losses)))
-    write_json(paths.LR_FIND_METRICS, {
-        "max_lr": max_lr, "rule": rule, "suggestions": candidates, "loss_minimum_lr": descent.minimum_lr,
-        "window": list(descent.bounds), "iterations": len(lrs),
-        "stopped_early": len(lrs) < params.lr_find.num_iter})
-    print(f"lr_find: max_lr {max_lr:.3e} by rule `{rule}` "
-          f"({', '.join(f'{k} {v:.2e}' for k, v in candidates.items())}; loss minimum at {descent.minimum_lr:.2e}, "
-          f"{len(lrs)} of {params.lr_find.num_iter} iterations)")
+    from cifarlab.lr_finder import find_max_lr
+    from cifarlab.params import load_params
+
+    find_max_lr(load_params())
 
 
 if __name__ == "__main__":

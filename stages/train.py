@@ -1,7 +1,8 @@
 """train stage: OneCycle training of the configured model; writes the checkpoint and curves.
 
 With `runtime.nproc: N > 1` this process starts N training processes of one DDP run and waits for
-them (see cifarlab.distributed); a process started that way, or by torchrun, trains its share.
+them (see cifarlab.trainer.train_stage and cifarlab.distributed); a process started that way, or by
+torchrun, trains its share.
 """
 
 import _src  # noqa: F401  (this checkout's src/ first: see stages/_src.py)
@@ -10,25 +11,10 @@ from cifarlab.errors import run_stage   # no torch yet: Ctrl-C and SIGTERM are h
 
 
 def main() -> None:
-    from cifarlab import paths
-    from cifarlab.storage import load_dataset
-    from cifarlab.distributed import Distributed, check_batch_size, init_distributed, launch, launched, shutdown
-    from cifarlab.runtime import select_runtime
     from cifarlab.params import load_params
-    from cifarlab.trainer import fit
+    from cifarlab.trainer import train_stage
 
-    params = load_params()
-    runtime = select_runtime(params.runtime)
-    if params.runtime.nproc > 1 and not launched():
-        check_batch_size(params.train.batch_size, Distributed(world_size=params.runtime.nproc))
-        load_dataset(paths.DATA_DIR)              # a bad data file is reported once, here
-        launch(params.runtime.nproc, __file__)
-        return
-    world = init_distributed(runtime.device.type)
-    try:
-        fit(params, load_dataset(paths.DATA_DIR), runtime, world)
-    finally:
-        shutdown()
+    train_stage(load_params(), __file__)
 
 
 if __name__ == "__main__":

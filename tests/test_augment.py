@@ -4,8 +4,8 @@ import torch
 from cifarlab.augment import MEAN_UINT8, build_train_transform
 from cifarlab.loaders import GlobalBatchSampler, ImageDataset
 from cifarlab.models.classifier import Normalize
-from cifarlab.sources import make_synthetic
 from cifarlab.params import parse_params
+from cifarlab.sources import make_synthetic
 from conftest import merge
 
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from cifarlab.checkpoint import load_checkpoint, save_checkpoint
-from cifarlab.models.classifier import Classifier
 from cifarlab.errors import CifarlabError
+from cifarlab.models.classifier import Classifier
 
 
 def test_round_trip_describes_itself(tmp_path):

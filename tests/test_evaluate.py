@@ -14,10 +14,10 @@ import torch
 import yaml
 from torch import nn
 
-from cifarlab.models.classifier import Classifier
 from cifarlab.gradcam import cam_layer_name, grad_cam
 from cifarlab.metrics import HorizontalFlipTTA
 from cifarlab.models import model_names, model_spec
+from cifarlab.models.classifier import Classifier
 from conftest import TINY, TINY_RUN_EVALUATE, merge, run, write_params
 
 EVALUATE = TINY_RUN_EVALUATE   # gallery 6, Grad-CAM 4, TTA on: the shared tiny run's settings

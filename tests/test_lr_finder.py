@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from cifarlab.sources import make_synthetic
 from cifarlab.loaders import train_loader
-from cifarlab.models.classifier import build_model
-from cifarlab.runtime import select_runtime
 from cifarlab.lr_finder import range_test, turned_up
 from cifarlab.lr_rules import (MIN_NUM_ITER, MIN_WINDOW, RULES, SKIP_START, CurveError, min_div_10, steepest,
                                suggestions, window)
+from cifarlab.models.classifier import build_model
 from cifarlab.params import ParamsError, parse_params
+from cifarlab.runtime import select_runtime
 from cifarlab.schedule import build_optimizer
+from cifarlab.sources import make_synthetic
 from conftest import merge
 
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from cifarlab import runtime as runtime_module
-from cifarlab.runtime import select_runtime
 from cifarlab.errors import CifarlabError
 from cifarlab.params import parse_params
+from cifarlab.runtime import select_runtime
 from conftest import merge
 
 

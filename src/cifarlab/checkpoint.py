@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from cifarlab.atomic import write_bytes
-from cifarlab.models.classifier import Classifier
 from cifarlab.errors import CifarlabError
+from cifarlab.models.classifier import Classifier
 
 
 def save_checkpoint(path: str | Path, model: Classifier, **info: Any) -> None:

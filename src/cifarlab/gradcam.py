@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from cifarlab.models.classifier import Classifier
 from cifarlab.models import model_spec
+from cifarlab.models.classifier import Classifier
 
 
 def cam_model(model: Classifier) -> Classifier:

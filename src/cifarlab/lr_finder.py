@@ -1,4 +1,5 @@
-"""The LR range test (torch-lr-finder), stopped once the loss has clearly turned up.
+"""The LR range test (torch-lr-finder), stopped once the loss has clearly turned up, and the
+lr_find stage's work around it (`find_max_lr`).
 
 The rules that read its curve live in `cifarlab.lr_rules`; the raw loss minimum is never a
 suggestion (the seeds' assignment 8 trained at it and diverged).
@@ -15,8 +16,15 @@ import torch
 from torch_lr_finder import LRFinder
 from torch_lr_finder.lr_finder import TrainDataLoaderIter
 
-from cifarlab.runtime import Runtime
-from cifarlab.params import LrFindParams
+from cifarlab import paths
+from cifarlab.atomic import atomic_path, write_json
+from cifarlab.loaders import train_loader
+from cifarlab.lr_rules import suggestions, window
+from cifarlab.models.classifier import build_model
+from cifarlab.params import LrFindParams, Params
+from cifarlab.runtime import Runtime, seed_everything, select_runtime
+from cifarlab.schedule import build_optimizer
+from cifarlab.storage import load_dataset
 
 
 def turned_up(losses: Sequence[float], rebound: float) -> bool:
@@ -76,3 +84,32 @@ def range_test(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader,
     lrs, losses = list(finder.history["lr"]), list(finder.history["loss"])
     finder.reset()  # the measured model must not leave the range test trained
     return lrs, losses
+
+
+def find_max_lr(params: Params) -> dict:
+    """The lr_find stage's work: the range test with the training model, optimizer, batch size and
+    augmentation; writes the curve (plots/lr_find.csv) and metrics/lr_find.json and returns the latter."""
+    runtime = select_runtime(params.runtime)
+    dataset = load_dataset(paths.DATA_DIR)
+    seed_everything(params.train.seed)
+    loader = train_loader(dataset.train, params.augment, params.train.batch_size,
+                          params.train.seed, runtime)
+    model = build_model(params.model, runtime, len(dataset.classes), dataset.train.images)
+    optimizer = build_optimizer(model, params.optim, lr=params.lr_find.start_lr)
+    lrs, losses = range_test(model, optimizer, loader.epoch(0), runtime, params.lr_find,
+                             params.optim.label_smoothing)
+    descent = window(lrs, losses)          # a curve with no usable descent stops here with one line
+    candidates = suggestions(descent)
+    rule = params.lr_find.rule
+    max_lr = candidates[rule]
+    with atomic_path(paths.LR_FIND_CURVE) as tmp:
+        tmp.write_text("lr,loss\n" + "".join(f"{lr!r},{loss!r}\n" for lr, loss in zip(lrs, losses)))
+    found = {
+        "max_lr": max_lr, "rule": rule, "suggestions": candidates, "loss_minimum_lr": descent.minimum_lr,
+        "window": list(descent.bounds), "iterations": len(lrs),
+        "stopped_early": len(lrs) < params.lr_find.num_iter}
+    write_json(paths.LR_FIND_METRICS, found)
+    print(f"lr_find: max_lr {max_lr:.3e} by rule `{rule}` "
+          f"({', '.join(f'{k} {v:.2e}' for k, v in candidates.items())}; loss minimum at {descent.minimum_lr:.2e}, "
+          f"{len(lrs)} of {params.lr_find.num_iter} iterations)")
+    return found

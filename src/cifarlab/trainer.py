@@ -29,17 +29,18 @@ from tqdm import tqdm
 from cifarlab import paths
 from cifarlab.atomic import atomic_path, write_json
 from cifarlab.checkpoint import save_checkpoint
-from cifarlab.loaders import augment_path, iterate_batches, train_loader
-from cifarlab.storage import Dataset
-from cifarlab.distributed import Distributed, check_batch_size, gather_objects
-from cifarlab.loops import DivergenceGuard, evaluate, train_one_epoch, TrainingDiverged
-from cifarlab.models.classifier import build_model
-from cifarlab.runtime import rng_state, Runtime, seed_everything, set_rng_state
+from cifarlab.distributed import (Distributed, check_batch_size, gather_objects, init_distributed, launch, launched,
+                                  shutdown)
 from cifarlab.errors import CifarlabError
 from cifarlab.lifetime import signal_name, stop_signal
+from cifarlab.loaders import augment_path, iterate_batches, train_loader
 from cifarlab.lookahead import Lookahead
+from cifarlab.loops import DivergenceGuard, TrainingDiverged, evaluate, train_one_epoch
+from cifarlab.models.classifier import build_model
 from cifarlab.params import Params, ParamsError, read_yaml
+from cifarlab.runtime import Runtime, rng_state, seed_everything, select_runtime, set_rng_state
 from cifarlab.schedule import build_optimizer, build_scheduler, onecycle_for
+from cifarlab.storage import Dataset, load_dataset
 
 LOGGED = ("train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr")
 
@@ -156,6 +157,23 @@ def load_resume_state(fingerprint: str, state_dir: Path = paths.TRAIN_STATE_DIR,
         return None
     say(f"train: resuming from the end of epoch {state['epoch']} ({path})")
     return state
+
+
+def train_stage(params: Params, script: str) -> None:
+    """The train stage: one training process, or with `runtime.nproc` N > 1 (and not yet launched)
+    N processes of `script` as one DDP run, which this process starts and waits for
+    (see cifarlab.distributed); a process started that way, or by torchrun, trains its share."""
+    runtime = select_runtime(params.runtime)
+    if params.runtime.nproc > 1 and not launched():
+        check_batch_size(params.train.batch_size, Distributed(world_size=params.runtime.nproc))
+        load_dataset(paths.DATA_DIR)              # a bad data file is reported once, here
+        launch(params.runtime.nproc, script)
+        return
+    world = init_distributed(runtime.device.type)
+    try:
+        fit(params, load_dataset(paths.DATA_DIR), runtime, world)
+    finally:
+        shutdown()
 
 
 def fit(params: Params, dataset: Dataset, runtime: Runtime, world: Distributed = Distributed()) -> dict:
