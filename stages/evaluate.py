@@ -83,8 +83,8 @@ def main() -> None:
     seconds["gradcam"] = time.perf_counter() - timer
     save_figure(gradcam_figure(images, cams_predicted, cams_true, [captions[i] for i in shown],
                                [classes[c] for c in predicted[shown]], [classes[c] for c in target[shown]],
-                               f"Grad-CAM at `{layer}` on the {len(shown)} most confident mistakes (fp32, CPU)"
-                               if len(shown) else f"Grad-CAM at `{layer}`",
+                               f'Grad-CAM at layer "{layer}" on the {len(shown)} most confident mistakes (fp32, CPU)'
+                               if len(shown) else f'Grad-CAM at layer "{layer}"',
                                empty_message=empty.format("gradcam_size")),
                 paths.GRADCAM_FIGURE, dpi=120)
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from cifarlab import paths
 from cifarlab.atomic import atomic_path, write_json
-from cifarlab.augment import build_train_transform
+from cifarlab.augment import build_train_transform, write_preview
 from cifarlab.checkpoint import save_checkpoint
 from cifarlab.data import Dataset, iterate_batches
 from cifarlab.distributed import Distributed, check_batch_size, gather_objects
@@ -204,6 +204,7 @@ def fit(params: Params, dataset: Dataset, runtime: Runtime, world: Distributed =
               f"{train.epochs} epochs x {len(loader)} steps, max_lr {max_lr:.3g} "
               f"({'lr_find' if train.max_lr == 'find' else 'params'}), {runtime.device} {runtime.precision}"
               + (f", {world.world_size} processes" if world.enabled else ""))
+        write_preview(params.augment, dataset.train.images, dataset.train.labels, dataset.classes, train.seed)
     logger = (Live(str(paths.TRAIN_LIVE_DIR), dvcyaml=False, save_dvc_exp=False) if world.is_main
               else contextlib.nullcontext())
     with logger as live:
