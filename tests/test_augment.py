@@ -1,9 +1,14 @@
+import itertools
+
 import numpy as np
+import pytest
 import torch
 
-from cifarlab.augment import MEAN_UINT8, build_train_transform
+from cifarlab.augment import (MEAN_UINT8, PREVIEW_DRAWS, augmentation_preview, build_train_transform, preview_indices,
+                              write_preview)
 from cifarlab.loaders import GlobalBatchSampler, ImageDataset
 from cifarlab.models.classifier import Normalize
+from cifarlab.sources import make_synthetic
 from cifarlab.params import parse_params
 from cifarlab.sources import make_synthetic
 from conftest import merge
@@ -62,3 +67,65 @@ def test_normalisation_is_the_single_set_of_constants():
     white = torch.full((1, 3, 1, 1), 255, dtype=torch.uint8)
     expected = (1 - torch.tensor([0.4914, 0.4822, 0.4465])) / torch.tensor([0.2470, 0.2435, 0.2616])
     assert torch.allclose(normalize(white).flatten(), expected)
+
+
+# --- the steps in words, and the train stage's preview figure -------------------------------------
+
+@pytest.mark.parametrize("pad,hflip,cutout_size,cutout_p",
+                         list(itertools.product((0, 4), (0.0, 0.5), (0, 8), (0.0, 1.0))))
+def test_steps_in_words_are_the_steps_built(default_params, pad, hflip, cutout_size, cutout_p):
+    params = augment_params(default_params, pad=pad, hflip=hflip, cutout_size=cutout_size, cutout_p=cutout_p)
+    built = [type(t).__name__ for t in build_train_transform(params).transforms]
+    words = params.steps()
+    assert len(words) == (pad > 0) + (hflip > 0) + (cutout_size > 0 and cutout_p > 0)
+    assert len(built) == len(words) + (pad > 0)          # pad + crop is one step in words
+    assert ("crop" in " ".join(words)) == ("RandomCrop" in built)
+    assert ("flip" in " ".join(words)) == ("HorizontalFlip" in built)
+    assert ("cutout" in " ".join(words)) == ("CoarseDropout" in built)
+    assert params.describe().startswith("none (") == (not built)
+
+
+def test_preview_images_are_one_per_class_first():
+    labels = np.array([3, 1, 1, 0, 3, 2, 0])
+    assert preview_indices(labels, 3) == [3, 1, 5]        # first of classes 0, 1, 2
+    assert preview_indices(labels, 6) == [3, 1, 2, 5, 0, 4]   # every class, then the next images; by class
+
+
+def _preview_png(params, seed, tmp_path, name="preview.png"):
+    split = make_synthetic(60, 10, 0).train
+    path = tmp_path / name
+    write_preview(params, split.images, split.labels, [f"class{i}" for i in range(10)], seed, path)
+    return path.read_bytes()
+
+
+def test_preview_is_deterministic_for_a_seed(default_params, tmp_path):
+    params = augment_params(default_params)
+    first = _preview_png(params, 1, tmp_path)
+    assert _preview_png(params, 1, tmp_path) == first            # byte for byte, as DVC hashes it
+    assert _preview_png(params, 2, tmp_path) != first            # the draws follow the seed
+
+
+def _images_shown(fig):
+    return [[ax.get_images()[0].get_array() for ax in row] for row in np.asarray(fig.axes).reshape(-1, 4)]
+
+
+def test_preview_rows_are_the_stored_images_then_draws(default_params):
+    images = make_synthetic(40, 10, 0).train.images[:4]
+    fig = augmentation_preview(augment_params(default_params), images, ["a", "b", "c", "d"], seed=1)
+    rows = _images_shown(fig)
+    assert len(rows) == 1 + PREVIEW_DRAWS
+    assert all(np.array_equal(shown, image) for shown, image in zip(rows[0], images))
+    for draw in rows[1:]:       # cutout p=1 changes every image in every draw
+        assert not any(np.array_equal(shown, image) for shown, image in zip(draw, images))
+    assert "Training augmentation: pad 4 (reflect)" in fig._suptitle.get_text()
+
+
+def test_preview_without_augmentation_says_so_instead_of_repeating_rows(default_params):
+    images = make_synthetic(40, 10, 0).train.images[:4]
+    params = augment_params(default_params, pad=0, hflip=0.0, cutout_size=0)
+    fig = augmentation_preview(params, images, ["a", "b", "c", "d"], seed=1)
+    rows = _images_shown(fig)
+    assert len(rows) == 1 and all(np.array_equal(shown, image) for shown, image in zip(rows[0], images))
+    title = " ".join(fig._suptitle.get_text().split())
+    assert title.startswith("No training augmentation (augment.pad 0, augment.hflip 0, augment.cutout_size 0)")
+    assert "as stored" in title and "draw" not in title

@@ -61,6 +61,8 @@ def test_unknown_section(default_params):
     ("runtime", "device", "tpu", "auto, cpu, cuda"),
     ("runtime", "num_workers", -1, "auto or"),
     ("lr_find", "rule", "minimum", "min_div_10, steepest, valley"),
+    ("report", "writeup_accuracy", 92.64, "null or a number from 0 to 1"),
+    ("report", "writeup_accuracy", "92%", "null or a number from 0 to 1"),
 ])
 def test_bad_value_names_key_and_allowed(default_params, section, key, value, allowed):
     text = message(merge(default_params, {section: {key: value}}))
@@ -80,6 +82,12 @@ def test_batch_larger_than_synthetic_training_set(default_params):
 def test_missing_key(default_params):
     del default_params["train"]["seed"]
     assert "`train.seed` is missing" in message(default_params)
+
+
+def test_writeup_accuracy_may_be_null(default_params):
+    # a write-up that states no accuracy: null in its preset, and the report says so
+    assert parse_params(merge(default_params, {"report": {"writeup_accuracy": None}})).report.writeup_accuracy is None
+    assert parse_params(default_params).report.writeup_accuracy == 0.9264
 
 
 def test_max_lr_find_is_accepted(default_params):

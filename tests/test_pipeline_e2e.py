@@ -117,6 +117,9 @@ def test_outputs_are_consistent(pipeline):
     report = (work / "reports/report.md").read_text()
     accuracy = json.loads((work / "metrics/evaluate.json").read_text())["accuracy"]
     assert f"{100 * accuracy:.2f}%" in report and "not judged: the data is **synthetic**" in report
+    # `dvc repro` ran before the baseline commit: the report names the workspace and the commit it ran on
+    ran_on = run(["git", "rev-parse", "--short", "HEAD~1"], work).stdout.strip()
+    assert f"\n\nRun: workspace (not a DVC experiment), at commit `{ran_on}`.\n\n" in report
 
 
 def test_noop_repro_runs_nothing(pipeline):
@@ -128,6 +131,10 @@ def test_exp_run_with_new_max_lr_reruns_only_downstream(pipeline):
     work, _ = pipeline
     result = run(["dvc", "exp", "run", "-n", "lower-lr", "-S", "train.max_lr=0.001"], work)
     assert ran_stages(result.stdout) == {"train", "evaluate", "report"}
+    # DVC tells the stages of `dvc exp run` the experiment's name and baseline (DVC_EXP_NAME, DVC_EXP_BASELINE_REV)
+    baseline = run(["git", "rev-parse", "--short", "HEAD"], work).stdout.strip()
+    report = (work / "reports/report.md").read_text()
+    assert f"\n\nRun: experiment **lower-lr** (`dvc exp run`), from baseline commit `{baseline}`.\n\n" in report
     shown = run(["dvc", "exp", "show", "--json"], work).stdout
     assert "lower-lr" in shown
 
@@ -140,6 +147,7 @@ def test_exp_run_with_new_max_lr_reruns_only_downstream(pipeline):
     run(["dvc", "plots", "diff", "HEAD", "lower-lr", "-o", str(out)], work)
     html = (out / "index.html").read_text()
     assert "lower-lr" in html and "Accuracy per epoch" in html
+    assert "plots/augmentation.png" in html           # the train stage's augmentation preview, per revision
 
 
 def test_report_params_rerun_only_report(pipeline):

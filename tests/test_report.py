@@ -4,6 +4,7 @@ render on GitHub, and numbers equal to those in the metrics files."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import re
 import shutil
@@ -14,7 +15,9 @@ import pytest
 import yaml
 
 from cifarlab import paths
-from cifarlab.report import COPIED_FIGURES, SECTIONS, pct
+from cifarlab.params import AugmentParams, ReportParams
+from cifarlab.report import (COPIED_FIGURES, SECTIONS, RunIdentity, RunSummary, _anchor, augmentation, header, pct,
+                             result, run_identity, run_table, training_curves)
 from conftest import REPO, TINY, run
 
 
@@ -74,14 +77,14 @@ def history(work: Path) -> dict[str, list[float]]:
 
 def test_every_section_in_order(report):
     headings = re.findall(r"^## (.+)$", report, flags=re.M)
-    assert headings == list(SECTIONS)
+    assert headings == [part.heading for part in SECTIONS]
     assert report.startswith("# ")
 
 
 def test_links_are_relative_and_point_at_files_that_exist(tiny, report):
     links = re.findall(r"\]\(([^)]+)\)", report)
     images = re.findall(r"!\[[^\]]+\]\(([^)]+)\)", report)
-    assert len(images) == 7
+    assert len(images) == 8
     anchors = {re.sub(r"[^a-z0-9_-]", "", h.lower().replace(" ", "-")) for h in re.findall(r"^## (.+)$", report, re.M)}
     for link in links:
         if link.startswith("#"):
@@ -204,19 +207,20 @@ def test_lr_sections_match_lr_find_and_the_schedule(tiny, report):
 def test_environment_and_wall_times_come_from_the_stages(tiny, report):
     speed, record = read_json(tiny, paths.TRAIN_SPEED), read_json(tiny, paths.EVAL_RUN)
     text = section(report, "Environment and wall times")
-    runtime_table, times_table, versions_table = tables(text)
+    runtime_table, times_table = tables(text)
     runtime = table_dict(runtime_table)
     for key in ("device", "precision", "channels_last", "threads"):
         assert runtime[key] == [str(speed[key]), str(record[key])]
     times = [row[1:] for row in times_table[1:]]
     assert ["throughput", f"{speed['images_per_second']:.1f} images/s"] in times
     assert ["whole stage", f"{record['seconds']['total']:.2f} s"] in times
+    versions_table, = tables(section(report, "Appendix: library versions"))
     assert {"torch", "grad-cam", "dvc"} <= set(table_dict(versions_table))
     assert record["gradcam_layer"] in section(report, "Grad-CAM")
 
 
 def test_params_section_is_the_run_params(tiny, report):
-    block = re.search(r"```yaml\n(.*?)```", section(report, "Params"), flags=re.S).group(1)
+    block = re.search(r"```yaml\n(.*?)```", section(report, "Appendix: params"), flags=re.S).group(1)
     shown = yaml.safe_load(block)
     used = yaml.safe_load((tiny / "params.yaml").read_text())
     for name in ("data", "model", "augment", "optim", "lr_find", "train", "evaluate", "report"):
@@ -232,3 +236,170 @@ def test_report_fails_in_one_line_when_an_output_is_missing(tiny, tmp_path):
     assert result.stderr.strip().startswith("error:") and "evaluate_run.json" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (work / "reports").exists()
+
+
+# --- which run, the write-up's figure, the augmentation preview (the tiny run) ---------------------
+
+def test_first_screen_says_which_run_it_is(report):
+    title, run_line, lead, contents = report.split("\n\n")[:4]
+    assert title.startswith("# ")
+    # the tiny run is a plain script run in a temporary folder: no experiment, and no git around it
+    assert run_line.startswith("Run: workspace (not a DVC experiment), at ")
+    assert "Its write-up reported 92.64% on CIFAR-10." in lead          # report.writeup_accuracy of the preset
+    assert contents.startswith("[Result](#result) | [Run](#run) | [Augmentation](#augmentation)")
+
+
+def test_augmentation_section_shows_the_train_stages_preview(tiny, report):
+    assert (tiny / "reports/figures/augmentation.png").read_bytes() == (tiny / paths.AUGMENT_PREVIEW).read_bytes()
+    augment = AugmentParams(**yaml.safe_load((tiny / "params.yaml").read_text())["augment"])
+    text = section(report, "Augmentation")
+    assert f"Every training image goes through {augment.describe()} (`augment.*`)" in text
+    assert "![training images as stored and after random draws" in text
+
+
+# --- each section alone, from a hand-built summary --------------------------------------------------
+
+@pytest.fixture
+def summary(tmp_path, default_params):
+    """A small, self-consistent RunSummary written by hand: 2 classes, 4 test images, 2 epochs of 2 steps."""
+    stage_figures = tmp_path / "stage_figures"
+    stage_figures.mkdir()
+    for figure in COPIED_FIGURES:
+        (stage_figures / figure.name).write_bytes(b"\x89PNG " + figure.name.encode())
+    history = {"train/loss": [1.2, 0.8], "train/accuracy": [0.5, 0.7], "test/loss": [1.0, 0.7],
+               "test/accuracy": [0.5, 0.75], "lr": [1e-3, 1e-4]}
+    return RunSummary(
+        report=ReportParams(preset="assignment10", target_accuracy=0.9, writeup_accuracy=0.9264, title="A10 by hand"),
+        identity=RunIdentity("lr-1e-3", "abc1234"), run=default_params,
+        evaluation={"accuracy": 0.75, "loss": 0.7, "correct": 3, "test_images": 4, "data_source": "cifar10",
+                    "per_class_accuracy": {"cat": 1.0, "dog": 0.5}},
+        evaluate_run={"device": "cpu", "precision": "fp32", "seconds": {"plain": 0.5, "gradcam": 0.2, "total": 2.0},
+                      "images_per_second": 8.0, "gradcam_layer": "layer3", "gallery_images": 1, "gradcam_images": 1},
+        lr_find={"iterations": 30, "window": [1e-5, 1e-2], "rule": "min_div_10", "max_lr": 1e-3,
+                 "loss_minimum_lr": 1e-2, "suggestions": {"min_div_10": 1e-3, "steepest": 2e-3, "valley": 5e-4}},
+        speed={"device": "cpu", "precision": "fp32", "epoch_seconds": [3.0, 2.5], "epoch_seconds_mean": 2.75,
+               "images_per_second": 100.0},
+        history=history, lrs=[1e-4, 1.7e-3, 1e-3, 1e-4],
+        finder_curve=([1e-5, 1e-4, 1e-3, 1e-2], [2.3, 2.0, 1.5, 3.0]), confusion=np.array([[2, 0], [1, 1]]),
+        arch="custom_resnet", parameters=6_573_130, dropout=0.0, model_source="seed 002", model_table="(torchinfo)",
+        last_epoch=2, max_lr=1.7e-3, checkpoint_mb=26.3, versions={"python": "3.11", "torch": "2.5"},
+        figure_sources={figure.name: stage_figures / figure.name for figure in COPIED_FIGURES})
+
+
+def render_alone(render, summary, tmp_path) -> tuple[str, Path]:
+    figures = tmp_path / "figures"
+    figures.mkdir(exist_ok=True)
+    return render(summary, figures), figures
+
+
+def test_every_section_renders_alone(summary, tmp_path):
+    for part in SECTIONS:
+        figures = tmp_path / _anchor(part.heading)
+        figures.mkdir()
+        text = part.render(summary, figures)
+        assert text.strip() and not re.search(r"^#", text, flags=re.M), part.heading
+        tables(text)                                                # well-formed, if any
+        shown = re.findall(r"!\[[^\]]+\]\(figures/([^)]+)\)", text)
+        assert sorted(shown) == sorted(p.name for p in figures.iterdir()), part.heading   # draws what it shows
+
+
+def test_sections_are_one_list_in_report_order():
+    headings = [part.heading for part in SECTIONS]
+    assert len(set(headings)) == len(headings)
+    assert headings[:3] == ["Result", "Run", "Augmentation"]
+    assert headings[-3:] == ["Appendix: model summary", "Appendix: library versions", "Appendix: params"]
+    assert [part.appendix for part in SECTIONS] == sorted(part.appendix for part in SECTIONS)   # appendix last
+
+
+def test_header_links_every_section_once_in_order(summary):
+    contents = header(summary).split("\n\n")[-1]
+    assert re.findall(r"\(#([^)]+)\)", contents) == [part.anchor for part in SECTIONS]
+    assert "<br>Appendix: [model summary](#appendix-model-summary)" in contents
+
+
+@pytest.mark.parametrize("identity,line", [
+    (RunIdentity("lr-1e-3", "abc1234"), "Run: experiment **lr-1e-3** (`dvc exp run`), from baseline commit `abc1234`."),
+    (RunIdentity(None, "abc1234"), "Run: workspace (not a DVC experiment), at commit `abc1234`."),
+    (RunIdentity(None, None, "no git revision (git is not installed)"),
+     "Run: workspace (not a DVC experiment), at no git revision (git is not installed)."),
+])
+def test_header_says_which_run(summary, identity, line):
+    assert header(dataclasses.replace(summary, identity=identity)).split("\n\n")[1] == line
+
+
+def writeup_row(summary, tmp_path) -> str:
+    text, _ = render_alone(result, summary, tmp_path)
+    return table_dict(tables(text)[0])["the write-up's own result"][0]
+
+
+def test_result_puts_the_writeups_figure_beside_the_target(summary, tmp_path):
+    assert writeup_row(summary, tmp_path) == "92.64% (this run: -17.64 points)"
+    assert "Its write-up reported 92.64%. " in header(summary)
+    synthetic = dataclasses.replace(summary, evaluation={**summary.evaluation, "data_source": "synthetic"})
+    assert writeup_row(synthetic, tmp_path) == "92.64% on CIFAR-10 (not comparable: this run's data is synthetic)"
+    none = dataclasses.replace(summary, report=dataclasses.replace(summary.report, writeup_accuracy=None))
+    assert writeup_row(none, tmp_path) == "none stated (`report.writeup_accuracy` is null)"
+    assert "Its write-up states no test accuracy." in header(none)
+    rounded = dataclasses.replace(summary, report=dataclasses.replace(summary.report, writeup_accuracy=0.82))
+    assert writeup_row(rounded, tmp_path).startswith("82% (")          # no digits the write-up did not give
+
+
+def test_wording_follows_the_augmentation(summary, tmp_path):
+    off = dataclasses.replace(summary, run={**summary.run, "augment": {
+        "pad": 0, "pad_mode": "reflect", "hflip": 0.0, "cutout_size": 8, "cutout_p": 0.0,
+        "path": "per_image", "alternate_flip": False}})
+    text, _ = render_alone(augmentation, off, tmp_path)
+    assert text.startswith("No augmentation: augment.pad 0, augment.hflip 0, augment.cutout_p 0, so training sees")
+    curves, _ = render_alone(training_curves, off, tmp_path)
+    assert "augmented batches" not in curves and "not augmented" in curves
+    assert "augmented batches" in render_alone(training_curves, summary, tmp_path)[0]
+    assert render_alone(run_table, off, tmp_path)[0].count("| augmentation | none (augment.pad 0,") == 1
+
+
+@pytest.mark.parametrize("augmented,label", [(True, "train (augmented, during the epoch)"),
+                                             (False, "train (not augmented, during the epoch)"),
+                                             (None, "train (during the epoch)")])
+def test_curves_legend_says_augmented_only_when_it_was(summary, augmented, label):
+    from cifarlab.plots import curves_figure
+
+    fig = curves_figure(summary.history, 0.9, train_augmented=augmented)
+    assert [text.get_text() for text in fig.axes[0].get_legend().get_texts()][0] == label
+
+
+def test_run_identity_from_dvcs_environment_and_git(tmp_path, monkeypatch):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    run(["git", "init", "-q"], repo)
+    run([*git, "commit", "-q", "--allow-empty", "-m", "one"], repo)
+    head = run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
+    short = run(["git", "rev-parse", "--short", "HEAD"], repo).stdout.strip()
+    assert run_identity({}, repo) == RunIdentity(None, short)                       # dvc repro: the workspace
+    run([*git, "commit", "-q", "--allow-empty", "-m", "two"], repo)
+    # dvc exp run: the experiment's name, and its baseline commit (not HEAD, which has moved on here)
+    exp = run_identity({"DVC_EXP_NAME": "lr-1e-3", "DVC_EXP_BASELINE_REV": head}, repo)
+    assert exp == RunIdentity("lr-1e-3", short)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    assert run_identity({}, outside).revision is None                               # not a git repo: no crash
+    assert "not in a git repository" in run_identity({}, outside).describe()
+    monkeypatch.setenv("PATH", str(outside))                                        # no git at all
+    assert run_identity({}, repo).describe() == ("workspace (not a DVC experiment), at no git revision "
+                                                 "(git is not installed)")
+    assert run_identity({"DVC_EXP_NAME": "x", "DVC_EXP_BASELINE_REV": head}, repo).revision == head[:7]
+
+
+def test_result_states_the_time_to_the_target_and_every_tta_figure(summary, tmp_path):
+    rows = lambda s: table_dict(tables(render_alone(result, s, tmp_path)[0])[0])   # noqa: E731
+    assert rows(summary)["time to the target"][0] == "not reached in 5.50 s of training (best 75.00%)"
+    reached = dataclasses.replace(summary, report=dataclasses.replace(summary.report, target_accuracy=0.7))
+    assert rows(reached)["time to the target"][0] == "epoch 2, after 5.50 s of training"
+    early = dataclasses.replace(summary, report=dataclasses.replace(summary.report, target_accuracy=0.5))
+    assert rows(early)["time to the target"][0] == "epoch 1, after 3.00 s of training"
+    with_tta = dataclasses.replace(summary, evaluation={
+        **summary.evaluation, "tta_hflip": {"accuracy": 0.75, "loss": 0.65, "correct": 3},
+        "tta_translate": {"accuracy": 1.0, "loss": 0.6, "correct": 4}})
+    shown = rows(with_tta)
+    assert shown["test accuracy, horizontal-flip TTA"][0] == "75.00% (3 / 4)"
+    assert shown["test accuracy, flip + translate TTA (6 views)"][0] == "100.00% (4 / 4)"
+    assert shown["test loss, flip + translate TTA (6 views)"][0] == "0.6000"

@@ -19,15 +19,12 @@ from cifarlab.checkpoint import load_checkpoint
 from cifarlab.gradcam import cam_layer_name, grad_cam
 from cifarlab.loaders import iterate_batches
 from cifarlab.loops import evaluate
-from cifarlab.metrics import FlipTranslateTTA, HorizontalFlipTTA, confusion_matrix, most_confident_mistakes, per_class_accuracy
+from cifarlab.metrics import TTA_VARIANTS, confusion_matrix, most_confident_mistakes, per_class_accuracy
 from cifarlab.models.classifier import prepare_model
 from cifarlab.params import Params
 from cifarlab.plots import confusion_figure, gallery_figure, gradcam_figure, per_class_figure
 from cifarlab.runtime import select_runtime
 from cifarlab.storage import load_dataset
-
-# Test-time augmentations by their `evaluate.*` switch, which is also their key in the metrics.
-TTA_VARIANTS = {"tta_hflip": HorizontalFlipTTA, "tta_translate": FlipTranslateTTA}
 
 
 def evaluate_checkpoint(params: Params) -> dict:
@@ -95,8 +92,8 @@ def evaluate_checkpoint(params: Params) -> dict:
     seconds["gradcam"] = time.perf_counter() - timer
     save_figure(gradcam_figure(images, cams_predicted, cams_true, [captions[i] for i in shown],
                                [classes[c] for c in predicted[shown]], [classes[c] for c in target[shown]],
-                               f"Grad-CAM at `{layer}` on the {len(shown)} most confident mistakes (fp32, CPU)"
-                               if len(shown) else f"Grad-CAM at `{layer}`",
+                               f'Grad-CAM at layer "{layer}" on the {len(shown)} most confident mistakes (fp32, CPU)'
+                               if len(shown) else f'Grad-CAM at layer "{layer}"',
                                empty_message=empty.format("gradcam_size")),
                 paths.GRADCAM_FIGURE, dpi=120)
 

@@ -39,6 +39,8 @@ class HorizontalFlipTTA(nn.Module):
     prediction.
     """
 
+    LABEL = "horizontal-flip TTA"
+
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
@@ -55,6 +57,7 @@ class FlipTranslateTTA(nn.Module):
     airbench94's test-time augmentation (Jordan 2024, section 3.7). Returns log mean probabilities,
     like HorizontalFlipTTA."""
 
+    LABEL = "flip + translate TTA (6 views)"
     SHIFT = 1
 
     def __init__(self, model: nn.Module):
@@ -71,3 +74,7 @@ class FlipTranslateTTA(nn.Module):
             for image in (view, torch.flip(view, dims=(3,))):
                 terms.append(self.model(image).float().log_softmax(1) + math.log(weight))
         return torch.logsumexp(torch.stack(terms), dim=0)
+
+
+# Test-time augmentations by their `evaluate.*` switch, which is also their key in the metrics files.
+TTA_VARIANTS = {"tta_hflip": HorizontalFlipTTA, "tta_translate": FlipTranslateTTA}

@@ -17,7 +17,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, Optional, Union
 
 from ruamel.yaml import YAML
 from ruamel.yaml.constructor import DuplicateKeyError
@@ -127,6 +127,17 @@ def auto_or(inner: Callable[[Any], Any], inner_name: str) -> Callable[[Any], Any
     return check
 
 
+def null_or(inner: Callable[[Any], Any], inner_name: str) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if value is None:
+            return value
+        try:
+            return inner(value)
+        except ValueError:
+            raise ValueError(f"null or {inner_name}") from None
+    return check
+
+
 def lr_or_find(value: Any) -> Union[float, str]:
     if value == "find":
         return value
@@ -184,6 +195,40 @@ class AugmentParams:
     path: str = key(one_of("per_image", "batch", "auto"))
     alternate_flip: bool = key(boolean)
 
+    # Which steps these params switch on: `augment.build_train_transform` builds exactly these.
+    @property
+    def crops(self) -> bool:
+        return self.pad > 0
+
+    @property
+    def flips(self) -> bool:
+        return self.hflip > 0
+
+    @property
+    def cuts_out(self) -> bool:
+        return self.cutout_size > 0 and self.cutout_p > 0
+
+    def steps(self) -> list[str]:
+        """The per-image steps, in the order they are applied, in words; empty: no augmentation."""
+        steps = []
+        if self.crops:
+            steps.append(f"pad {self.pad} ({self.pad_mode}) + random {IMAGE_SIDE}x{IMAGE_SIDE} crop")
+        if self.flips:
+            steps.append(f"horizontal flip (p {self.hflip:g})")
+        if self.cuts_out:
+            steps.append(f"{self.cutout_size}x{self.cutout_size} cutout (p {self.cutout_p:g})")
+        return steps
+
+    def switched_off(self) -> str:
+        """The values that switch every step off (meaningful when `steps()` is empty)."""
+        cutout = (f"augment.cutout_size {self.cutout_size}" if self.cutout_size == 0
+                  else f"augment.cutout_p {self.cutout_p:g}")
+        return f"augment.pad {self.pad}, augment.hflip {self.hflip:g}, {cutout}"
+
+    def describe(self) -> str:
+        """The steps in one line, or "none" with the values that switch them off."""
+        return ", then ".join(self.steps()) if self.steps() else f"none ({self.switched_off()})"
+
 
 @dataclass(frozen=True)
 class OptimParams:
@@ -236,6 +281,7 @@ class EvaluateParams:
 class ReportParams:
     preset: str = key(text)
     target_accuracy: float = key(probability)
+    writeup_accuracy: Optional[float] = key(null_or(probability, "a number from 0 to 1"))
     title: str = key(text)
 
 

@@ -12,6 +12,7 @@ TRAIN_SPEED = Path("metrics/train_speed.json")      # images/s and epoch seconds
 TRAIN_SUMMARY = Path("metrics/training.json")      # declared metrics: max LR used, epochs, images/s, minutes
 LR_SCHEDULE = Path("plots/lr_schedule.csv")         # step, lr actually used for every batch
 TIME_TO_ACCURACY = Path("plots/time_to_accuracy.csv")   # epoch, cumulative training seconds, test accuracy
+AUGMENT_PREVIEW = Path("plots/augmentation.png")    # the same training images before and after augmentation
 CHECKPOINT = Path("models/model.pt")
 TRAIN_STATE_DIR = Path(".cache/train")              # <run fingerprint>.pt: full state after every epoch, for
                                                     # resume; dvcignored, git-ignored, deleted when the run completes

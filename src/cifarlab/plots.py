@@ -61,10 +61,13 @@ def schedule_figure(lrs: Sequence[float], steps_per_epoch: int, max_at_epoch: in
     return fig
 
 
-def curves_figure(history: Mapping[str, Sequence[float]], target_accuracy: Optional[float] = None):
-    """Loss and accuracy per epoch, train (augmented, while training) and test side by side."""
+def curves_figure(history: Mapping[str, Sequence[float]], target_accuracy: Optional[float] = None,
+                  train_augmented: Optional[bool] = None):
+    """Loss and accuracy per epoch, train (measured while training) and test side by side. The train
+    legend says "augmented" or "not augmented" only when told which (`train_augmented`)."""
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    labels = {"train": "train (augmented, during the epoch)", "test": "test (after the epoch)"}
+    how = {True: "augmented, ", False: "not augmented, ", None: ""}[train_augmented]
+    labels = {"train": f"train ({how}during the epoch)", "test": "test (after the epoch)"}
     for split, style in (("train", "-o"), ("test", "-s")):
         epochs = np.arange(1, len(history[f"{split}/loss"]) + 1)
         loss_ax.plot(epochs, history[f"{split}/loss"], style, markersize=3, label=labels[split])

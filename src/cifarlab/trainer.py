@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from cifarlab import paths
 from cifarlab.atomic import atomic_path, write_json
+from cifarlab.augment import write_preview
 from cifarlab.checkpoint import save_checkpoint
 from cifarlab.distributed import (Distributed, check_batch_size, gather_objects, init_distributed, launch, launched,
                                   shutdown)
@@ -231,6 +232,7 @@ def fit(params: Params, dataset: Dataset, runtime: Runtime, world: Distributed =
               f"augmentation on the {'device, whole batches' if augmentation == 'batch' else 'CPU, per image'} "
               f"({augmentation_reason})"
               + (f", {world.world_size} processes" if world.enabled else ""))
+        write_preview(params.augment, dataset.train.images, dataset.train.labels, dataset.classes, train.seed)
     logger = (Live(str(paths.TRAIN_LIVE_DIR), dvcyaml=False, save_dvc_exp=False) if world.is_main
               else contextlib.nullcontext())
     with logger as live:
