@@ -31,7 +31,7 @@ DROP_PATHS = ["--drop", ".*/|State|Executor"]   # the data-file hash columns and
 DECLARED = {"accuracy", "loss", "tta_hflip.accuracy", "tta_hflip.loss", "max_lr", "epochs",
             "images_per_second", "train_minutes"}
 CACHED_OUTS = ("data", "models", "metrics/train/", "metrics/evaluate.json", "metrics/evaluate_run.json",
-               "metrics/lr_find.json", "metrics/train_speed.json")
+               "metrics/lr_find.json", "metrics/max_lr.json", "metrics/train_speed.json", "reports/")
 
 
 @pytest.fixture(scope="module")
