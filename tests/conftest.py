@@ -106,6 +106,6 @@ def tiny_run(tmp_path_factory) -> Path:
     copy_code(work)
     write_params(work, merge(yaml.safe_load((REPO / "params.yaml").read_text()),
                              merge(TINY, {"evaluate": TINY_RUN_EVALUATE})))
-    for stage in ("download", "lr_find", "train", "evaluate", "report"):
+    for stage in ("download", "lr_find", "max_lr", "train", "evaluate", "report"):
         run(["python", f"stages/{stage}.py"], work)
     return work

@@ -8,7 +8,6 @@ from cifarlab.augment import (MEAN_UINT8, PREVIEW_DRAWS, augmentation_preview, b
                               write_preview)
 from cifarlab.loaders import GlobalBatchSampler, ImageDataset
 from cifarlab.models.classifier import Normalize
-from cifarlab.sources import make_synthetic
 from cifarlab.params import parse_params
 from cifarlab.sources import make_synthetic
 from conftest import merge

@@ -112,17 +112,10 @@ def test_a_copy_of_the_repo_imports_its_own_src(tmp_path, tiny_params):
     assert f"cifarlab imported from {tmp_path / 'src' / 'cifarlab' / '__init__.py'}" in result.stdout
 
 
-# The report's markdown and figures are git-tracked for GitHub to render; a `cache: false` plain
-# out keeps that one stage out of DVC's run-cache (it reruns in seconds).
-NOT_RUN_CACHED = {"report"}
-
-
 @pytest.mark.parametrize("name", sorted(STAGES))
 def test_stage_can_be_restored_from_the_run_cache(name):
     """DVC saves a stage to its run-cache only if no out is `persist` and every `cache: false` out
     is a stage-level metric or plot (dvc/stage/cache.py `_can_hash`, dvc/stage/__init__.py `run`)."""
-    if name in NOT_RUN_CACHED:
-        pytest.skip("reports/ is a git-tracked plain out on purpose")
     outs = [next(iter(o.items())) if isinstance(o, dict) else (o, {}) for o in STAGES[name].get("outs", [])]
     assert [path for path, flags in outs if flags.get("persist")] == []
     assert [path for path, flags in outs if flags.get("cache") is False] == []

@@ -9,11 +9,10 @@ import os
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
-from conftest import REPO, merge, run, tool_env
+from conftest import merge, run, tool_env
 from test_pipeline_e2e import exp_rows, make_repo
 from test_scale_out import TINY_RUN, wait_for_queue
 
@@ -31,7 +30,7 @@ DROP_PATHS = ["--drop", ".*/|State|Executor"]   # the data-file hash columns and
 DECLARED = {"accuracy", "loss", "tta_hflip.accuracy", "tta_hflip.loss", "max_lr", "epochs",
             "images_per_second", "train_minutes"}
 CACHED_OUTS = ("data", "models", "metrics/train/", "metrics/evaluate.json", "metrics/evaluate_run.json",
-               "metrics/lr_find.json", "metrics/train_speed.json")
+               "metrics/lr_find.json", "metrics/max_lr.json", "metrics/train_speed.json", "reports/")
 
 
 @pytest.fixture(scope="module")

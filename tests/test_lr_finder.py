@@ -157,11 +157,12 @@ def test_range_test_leaves_the_model_untouched(default_params):
 
 
 def test_divergence_advice_follows_how_the_max_lr_was_chosen(tmp_path):
+    from cifarlab.max_lr import resolve
     from cifarlab.trainer import divergence_advice
 
     found = tmp_path / "lr_find.json"
     found.write_text(json.dumps({"max_lr": 0.3, "rule": "steepest", "loss_minimum_lr": 0.9}))
-    advice = divergence_advice("find", 0.3, found)
+    advice = divergence_advice(resolve("find", found))
     assert "lr_find's `steepest` rule (loss minimum at 0.9)" in advice and "e.g. 0.1" in advice
     assert "find" not in advice.replace("lr_find", "")          # never "use find" when find chose it
-    assert divergence_advice(0.3, 0.3, found).startswith("lower train.max_lr (e.g. 0.1), or set it to `find`")
+    assert divergence_advice(resolve(0.3, found)).startswith("lower train.max_lr (e.g. 0.1), or set it to `find`")

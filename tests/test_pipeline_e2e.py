@@ -92,7 +92,7 @@ def pipeline(tmp_path_factory):
 
 def test_repro_runs_every_stage_and_writes_every_output(pipeline):
     work, output = pipeline
-    assert ran_stages(output) == {"download", "lr_find", "train", "evaluate", "report"}
+    assert ran_stages(output) == {"download", "lr_find", "max_lr", "train", "evaluate", "report"}
     missing = [str(p.relative_to(work)) for p in declared_outputs(work) if not p.exists()]
     assert missing == []
 
@@ -130,7 +130,7 @@ def test_noop_repro_runs_nothing(pipeline):
 def test_exp_run_with_new_max_lr_reruns_only_downstream(pipeline):
     work, _ = pipeline
     result = run(["dvc", "exp", "run", "-n", "lower-lr", "-S", "train.max_lr=0.001"], work)
-    assert ran_stages(result.stdout) == {"train", "evaluate", "report"}
+    assert ran_stages(result.stdout) == {"max_lr", "train", "evaluate", "report"}
     # DVC tells the stages of `dvc exp run` the experiment's name and baseline (DVC_EXP_NAME, DVC_EXP_BASELINE_REV)
     baseline = run(["git", "rev-parse", "--short", "HEAD"], work).stdout.strip()
     report = (work / "reports/report.md").read_text()

@@ -228,7 +228,7 @@ def test_sigterm_stops_like_ctrl_c(stage_dir):
 def test_max_lr_find_without_lr_find_output(stage_dir):
     result = train_in(stage_dir, {"train": {"max_lr": "find"}}, check=False)
     assert result.returncode == 1
-    assert "train.max_lr is `find` but metrics/lr_find.json is missing" in result.stderr
+    assert "train.max_lr is `find` but metrics/max_lr.json is missing; run `dvc repro max_lr`" in result.stderr
 
 
 def test_batch_larger_than_training_split(stage_dir):

@@ -6,6 +6,7 @@ DATA_DIR = Path("data")
 
 LR_FIND_METRICS = Path("metrics/lr_find.json")      # suggested max LR, per-rule values
 LR_FIND_CURVE = Path("plots/lr_find.csv")           # lr, loss
+MAX_LR = Path("metrics/max_lr.json")                # the max LR train uses (train.max_lr resolved): train's dep
 
 TRAIN_LIVE_DIR = Path("metrics/train")              # dvclive: metrics.json + per-epoch plots
 TRAIN_SPEED = Path("metrics/train_speed.json")      # images/s and epoch seconds, apart from learning metrics

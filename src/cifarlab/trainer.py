@@ -37,6 +37,7 @@ from cifarlab.lifetime import signal_name, stop_signal
 from cifarlab.loaders import augment_path, iterate_batches, train_loader
 from cifarlab.lookahead import Lookahead
 from cifarlab.loops import DivergenceGuard, TrainingDiverged, evaluate, train_one_epoch
+from cifarlab.max_lr import read as read_max_lr
 from cifarlab.models.classifier import build_model
 from cifarlab.params import Params, ParamsError, read_yaml
 from cifarlab.runtime import Runtime, rng_state, seed_everything, select_runtime, set_rng_state
@@ -54,31 +55,20 @@ class Interrupted(CifarlabError):
         self.exit_code = 128 + (stop_signal() or 2)   # 130 for Ctrl-C (SIGINT), 143 for SIGTERM
 
 
-def _read_lr_find(lr_find_metrics: Path) -> dict:
-    try:
-        found = json.loads(lr_find_metrics.read_text())
-        float(found["max_lr"]), float(found["loss_minimum_lr"]), str(found["rule"])
-    except (OSError, ValueError, KeyError, TypeError):
-        raise CifarlabError(f"train.max_lr is `find` but {lr_find_metrics} is missing or incomplete; "
-                            f"run `dvc repro lr_find` or set train.max_lr to a number") from None
-    return found
+def resolve_max_lr(max_lr: Union[float, str], resolved: Path = paths.MAX_LR) -> float:
+    """`train.max_lr` as a number: itself, or lr_find's suggestion when it is `find` (via the max_lr stage)."""
+    return float(read_max_lr(max_lr, resolved)["max_lr"])
 
 
-def resolve_max_lr(max_lr: Union[float, str], lr_find_metrics: Path = paths.LR_FIND_METRICS) -> float:
-    """`train.max_lr` as a number: itself, or lr_find's suggestion when it is `find`."""
-    if max_lr != "find":
-        return float(max_lr)
-    return float(_read_lr_find(lr_find_metrics)["max_lr"])
-
-
-def divergence_advice(max_lr: Union[float, str], used: float, lr_find_metrics: Path = paths.LR_FIND_METRICS) -> str:
-    """What to change when training diverges, which depends on where its max LR came from."""
+def divergence_advice(chosen: dict) -> str:
+    """What to change when training diverges, which depends on where its max LR came from
+    (`chosen`: the max_lr stage's record, `cifarlab.max_lr.read`)."""
+    used = float(chosen["max_lr"])
     lower = f"{used / 3:.2g}"
-    if max_lr != "find":
+    if chosen["chosen_by"] != "lr_find":
         return f"lower train.max_lr (e.g. {lower}), or set it to `find` to take the LR range test's suggestion"
-    found = _read_lr_find(lr_find_metrics)
-    return (f"the max LR {used:.3g} came from lr_find's `{found['rule']}` rule (loss minimum at "
-            f"{float(found['loss_minimum_lr']):.3g}): set train.max_lr to a number below it, e.g. {lower}")
+    return (f"the max LR {used:.3g} came from lr_find's `{chosen['rule']}` rule (loss minimum at "
+            f"{float(chosen['loss_minimum_lr']):.3g}): set train.max_lr to a number below it, e.g. {lower}")
 
 
 def train_deps(root: Path = Path(".")) -> list[str]:
@@ -114,7 +104,7 @@ def run_fingerprint(params: Params, runtime: Runtime, max_lr: float, root: Path 
                     world_size: int = 1) -> str:
     """A hash of everything that determines the run: what a resumed run must share with the saved one.
 
-    The files are exactly the train stage's deps in dvc.yaml (data, lr_find's output, the stage script
+    The files are exactly the train stage's deps in dvc.yaml (data, the resolved max LR, the stage script
     and the library modules train imports), so editing a module train does not use (report.py, say)
     keeps the saved state, and any edit that makes DVC rerun train for a code or data reason does not.
     """
@@ -183,7 +173,8 @@ def fit(params: Params, dataset: Dataset, runtime: Runtime, world: Distributed =
     In a distributed run every process calls this; only rank 0 evaluates, logs and writes files.
     """
     train = params.train
-    max_lr = resolve_max_lr(train.max_lr)
+    chosen = read_max_lr(train.max_lr)      # the max_lr stage's file, read once
+    max_lr = float(chosen["max_lr"])
     check_batch_size(train.batch_size, world)
     seed_everything(train.seed + world.rank, params.runtime.deterministic)
     loader = train_loader(dataset.train, params.augment, train.batch_size, train.seed,
@@ -199,7 +190,7 @@ def fit(params: Params, dataset: Dataset, runtime: Runtime, world: Distributed =
     cycle = onecycle_for(train, len(loader), max_lr)
     scheduler = build_scheduler(optimizer, cycle, train.cycle_momentum)
     scaler = torch.amp.GradScaler("cuda") if runtime.needs_grad_scaler() else None
-    guard = DivergenceGuard(train.diverge_factor, runtime.device, divergence_advice(train.max_lr, max_lr))
+    guard = DivergenceGuard(train.diverge_factor, runtime.device, divergence_advice(chosen))
     lookahead = Lookahead(net, cycle.total_steps) if params.optim.lookahead else None
     history: dict[str, list[float]] = {name: [] for name in LOGGED}
     lrs: list[float] = []

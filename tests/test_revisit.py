@@ -1,0 +1,149 @@
+"""End to end: revisiting a configuration restores it from DVC's run-cache, and a new LR range test
+retrains only when training takes its suggestion.
+
+Run A, then B, then A again with `dvc exp run`: the third run runs no stage (every one is checked
+out of the run-cache, train included), gives A's metrics and model byte for byte, and takes a small
+fraction of the first run's wall time. Then, with `train.max_lr` a number, changing `lr_find.num_iter`
+reruns the range test but not train; with `train.max_lr: find` the same change retrains.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from conftest import run
+from test_pipeline_e2e import exp_rows, make_repo, ran_stages
+from test_scale_out import TINY_RUN
+
+pytestmark = pytest.mark.e2e
+
+STAGES = ("download", "lr_find", "max_lr", "train", "evaluate", "report")
+# A and B differ in every stage's inputs: the preset changes the model, optimizer and report; B's
+# synthetic seed changes the data, so on the way back even download comes from the run-cache.
+A = ["-S", "preset=assignment7"]
+B = ["-S", "preset=assignment10", "-S", "data.synthetic_seed=1"]
+COMPARED = ("metrics/test.json", "metrics/training.json", "metrics/evaluate.json", "metrics/max_lr.json",
+            "metrics/lr_find.json", "models/model.pt", "reports/report.md")
+NUM_ITER = TINY_RUN["lr_find"]["num_iter"]
+OTHER_NUM_ITER = NUM_ITER + 10
+
+
+def cached_stages(output: str) -> set[str]:
+    """Stages DVC restored from its run-cache instead of running them."""
+    return {line.split("'")[1] for line in output.splitlines()
+            if line.startswith("Stage '") and "is cached - skipping run" in line}
+
+
+def unchanged_stages(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines()
+            if line.startswith("Stage '") and "didn't change, skipping" in line}
+
+
+def exp_run(work, name: str, overrides: list[str]) -> tuple[str, float]:
+    started = time.perf_counter()
+    result = run(["dvc", "exp", "run", "-n", name, *overrides], work)
+    return result.stdout, time.perf_counter() - started
+
+
+def snapshot(work) -> dict[str, bytes]:
+    return {path: (work / path).read_bytes() for path in COMPARED}
+
+
+@pytest.fixture(scope="module")
+def revisited(tmp_path_factory):
+    """A fresh repo (nothing run yet); A, B and A again as three named experiments."""
+    work = make_repo(tmp_path_factory.mktemp("revisit"), TINY_RUN)
+    runs = {}
+    for name, overrides in (("a", A), ("b", B), ("a-again", A)):
+        output, seconds = exp_run(work, name, overrides)
+        runs[name] = {"output": output, "seconds": seconds, "files": snapshot(work)}
+    print("\n".join(f"dvc exp run {name}: {r['seconds']:.1f} s" for name, r in runs.items()))
+    return work, runs
+
+
+def test_first_two_runs_run_every_stage_that_changed(revisited):
+    _, runs = revisited
+    assert ran_stages(runs["a"]["output"]) == set(STAGES)
+    assert ran_stages(runs["b"]["output"]) == set(STAGES)       # B changed every stage's inputs
+    assert runs["a"]["files"]["models/model.pt"] != runs["b"]["files"]["models/model.pt"]
+
+
+def test_revisit_restores_every_stage_from_the_run_cache(revisited):
+    _, runs = revisited
+    output = runs["a-again"]["output"]
+    assert ran_stages(output) == set(), output
+    assert cached_stages(output) == set(STAGES), output          # train included: nothing trains
+    assert "python stages/" not in output                        # no stage command was started
+
+
+def test_revisit_gives_the_first_runs_metrics_and_model(revisited):
+    work, runs = revisited
+    assert runs["a-again"]["files"] == runs["a"]["files"]        # byte for byte, model.pt and report included
+    rows = exp_rows(json.loads(run(["dvc", "exp", "show", "--json"], work).stdout))
+    assert rows["a-again"]["metrics"] == rows["a"]["metrics"] != rows["b"]["metrics"]
+
+
+def test_revisit_takes_a_small_fraction_of_the_first_run(revisited):
+    _, runs = revisited
+    first, second, third = (runs[name]["seconds"] for name in ("a", "b", "a-again"))
+    print(f"wall time: A {first:.1f} s, B {second:.1f} s, A again {third:.1f} s ({third / first:.1%} of A)")
+    assert third < first / 3, (first, second, third)
+
+
+def test_plots_diff_shows_the_reports_figures_of_both_runs(revisited, tmp_path):
+    """reports/ is a DVC-cached out: `dvc plots diff` takes each experiment's report figures from the cache."""
+    work, _ = revisited
+    out = tmp_path / "plots"
+    run(["dvc", "plots", "diff", "a", "b", "-o", str(out)], work)
+    html = (out / "index.html").read_text()
+    for figure in ("lr_find.png", "lr_schedule.png", "curves.png"):
+        for rev in ("a", "b"):
+            images = list((out / "static").glob(f"{rev}_reports_figures_{figure}"))
+            assert images and images[0].stat().st_size > 1000, (rev, figure, sorted(p.name for p in (out / "static").iterdir()))
+            assert images[0].name in html
+    shown = {(out / "static" / f"{rev}_reports_figures_curves.png").read_bytes() for rev in ("a", "b")}
+    assert len(shown) == 2                                       # each run's own figure, not one twice
+
+
+@pytest.fixture(scope="module")
+def range_test_changed(revisited):
+    """After A: a new range test with a numeric max LR, then `find` before and after the same change."""
+    work, _ = revisited
+    numeric = ["-S", "preset=assignment7", "-S", f"lr_find.num_iter={OTHER_NUM_ITER}"]
+    found = ["-S", "preset=assignment7", "-S", "train.max_lr=find"]
+    runs = {}
+    for name, overrides in (("numeric-new-range-test", numeric),
+                            ("find", [*found, "-S", f"lr_find.num_iter={OTHER_NUM_ITER}"]),
+                            ("find-new-range-test", found)):
+        output, seconds = exp_run(work, name, overrides)
+        runs[name] = {"output": output, "seconds": seconds, "files": snapshot(work)}
+    print("\n".join(f"dvc exp run {name}: {r['seconds']:.1f} s" for name, r in runs.items()))
+    return runs
+
+
+def test_numeric_max_lr_is_not_retrained_by_a_new_range_test(revisited, range_test_changed):
+    _, before = revisited
+    after = range_test_changed["numeric-new-range-test"]
+    assert after["files"]["metrics/lr_find.json"] != before["a-again"]["files"]["metrics/lr_find.json"]
+    assert {"lr_find", "max_lr"} <= ran_stages(after["output"])   # a new range test, resolved again
+    assert "train" not in ran_stages(after["output"]) and "train" in unchanged_stages(after["output"]), after["output"]
+    assert "evaluate" not in ran_stages(after["output"])
+    assert after["files"]["metrics/max_lr.json"] == before["a-again"]["files"]["metrics/max_lr.json"]
+    assert after["files"]["models/model.pt"] == before["a-again"]["files"]["models/model.pt"]
+
+
+def test_find_is_retrained_by_a_new_range_test(range_test_changed):
+    first, second = range_test_changed["find"], range_test_changed["find-new-range-test"]
+    old = json.loads(first["files"]["metrics/lr_find.json"])
+    new = json.loads(second["files"]["metrics/lr_find.json"])
+    assert new["max_lr"] != old["max_lr"], "the two range tests suggested the same LR: the test proves nothing"
+    assert "lr_find" in cached_stages(second["output"])          # A's range test, from the run-cache
+    assert {"max_lr", "train"} <= ran_stages(second["output"]), second["output"]
+    for files, suggested in ((first["files"], old), (second["files"], new)):
+        assert json.loads(files["metrics/training.json"])["max_lr"] == suggested["max_lr"]
+        assert json.loads(files["metrics/max_lr.json"]) == {
+            "max_lr": suggested["max_lr"], "chosen_by": "lr_find", "train.max_lr": "find",
+            "rule": suggested["rule"], "loss_minimum_lr": suggested["loss_minimum_lr"]}
