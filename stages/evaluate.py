@@ -12,13 +12,14 @@ import time
 from cifarlab import paths
 from cifarlab.atomic import atomic_path, save_figure, write_json
 from cifarlab.checkpoint import load_checkpoint
-from cifarlab.data import iterate_batches, load_dataset
+from cifarlab.data import iterate_batches
 from cifarlab.engine import evaluate, prepare_model, select_runtime
 from cifarlab.errors import run_stage
 from cifarlab.gradcam import cam_layer_name, grad_cam
 from cifarlab.metrics import HorizontalFlipTTA, confusion_matrix, most_confident_mistakes, per_class_accuracy
 from cifarlab.params import load_params
 from cifarlab.plots import confusion_figure, gallery_figure, gradcam_figure, per_class_figure
+from cifarlab.subset import load_subset
 
 
 def main() -> None:
@@ -26,7 +27,8 @@ def main() -> None:
     params = load_params()
     settings = params.evaluate
     runtime = select_runtime(params.runtime)
-    dataset = load_dataset(paths.DATA_DIR)   # checks the test split's size for the source
+    # data/ is checked whole (the test split's size for the source), then cut to data.test_subset (0 = all)
+    dataset = load_subset(paths.DATA_DIR, test=params.data.test_subset)
     classes = dataset.classes
     model, checkpoint = load_checkpoint(paths.CHECKPOINT)
     model = prepare_model(model, runtime)   # Grad-CAM makes its own fp32 CPU copy

@@ -5,19 +5,19 @@ import _src  # noqa: F401  (this checkout's src/ first: see stages/_src.py)
 from cifarlab import paths
 from cifarlab.atomic import atomic_path, write_json
 from cifarlab.augment import build_train_transform
-from cifarlab.data import load_dataset
 from cifarlab.engine import build_model, seed_everything, select_runtime, train_loader
 from cifarlab.errors import run_stage
 from cifarlab.lr_finder import range_test
 from cifarlab.lr_rules import suggestions, window
 from cifarlab.params import load_params
 from cifarlab.schedule import build_optimizer
+from cifarlab.subset import load_subset
 
 
 def main() -> None:
     params = load_params()
     runtime = select_runtime(params.runtime)
-    dataset = load_dataset(paths.DATA_DIR)
+    dataset = load_subset(paths.DATA_DIR, train=params.data.train_subset)
     seed_everything(params.train.seed)
     loader = train_loader(dataset.train, build_train_transform(params.augment), params.train.batch_size,
                           params.train.seed, runtime)

@@ -11,22 +11,23 @@ from cifarlab.errors import run_stage   # no torch yet: Ctrl-C and SIGTERM are h
 
 def main() -> None:
     from cifarlab import paths
-    from cifarlab.data import load_dataset
     from cifarlab.distributed import Distributed, check_batch_size, init_distributed, launch, launched, shutdown
     from cifarlab.engine import select_runtime
     from cifarlab.params import load_params
+    from cifarlab.subset import load_subset
     from cifarlab.trainer import fit
 
     params = load_params()
     runtime = select_runtime(params.runtime)
+    subsets = params.data.train_subset, params.data.test_subset   # the images train sees (0 = a whole split)
     if params.runtime.nproc > 1 and not launched():
         check_batch_size(params.train.batch_size, Distributed(world_size=params.runtime.nproc))
-        load_dataset(paths.DATA_DIR)              # a bad data file is reported once, here
+        load_subset(paths.DATA_DIR, *subsets)     # a bad data file or subset size is reported once, here
         launch(params.runtime.nproc, __file__)
         return
     world = init_distributed(runtime.device.type)
     try:
-        fit(params, load_dataset(paths.DATA_DIR), runtime, world)
+        fit(params, load_subset(paths.DATA_DIR, *subsets), runtime, world)
     finally:
         shutdown()
 

@@ -116,6 +116,7 @@ def run_fingerprint(params: Params, runtime: Runtime, max_lr: float, root: Path 
     digest = hashlib.sha256()
     determining = {name: params.to_dict()[name] for name in ("model", "augment", "optim", "train")}
     determining["evaluate.batch_size"] = params.evaluate.batch_size
+    determining["data.subsets"] = [params.data.train_subset, params.data.test_subset]   # which images train sees
     determining["resolved_max_lr"] = max_lr
     determining["runtime"] = {k: v for k, v in runtime.describe().items() if k not in ("threads", "num_workers")}
     determining["world_size"] = world_size
