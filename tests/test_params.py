@@ -57,6 +57,10 @@ def test_unknown_section(default_params):
     ("data", "source", "imagenet", "cifar10, synthetic"),
     ("data", "md5", "abc", "hexadecimal"),
     ("data", "synthetic_train_size", 0, ">= 1"),
+    ("data", "train_subset", -1, "whole number >= 0"),
+    ("data", "train_subset", 0.5, "whole number >= 0"),
+    ("data", "test_subset", "all", "whole number >= 0"),
+    ("data", "test_subset", True, "whole number >= 0"),
     ("model", "name", "resnet1000", "custom_resnet"),
     ("runtime", "device", "tpu", "auto, cpu, cuda"),
     ("runtime", "num_workers", -1, "auto or"),
@@ -77,6 +81,28 @@ def test_max_at_epoch_must_be_within_epochs(default_params):
 def test_batch_larger_than_synthetic_training_set(default_params):
     raw = merge(default_params, {"data": {"source": "synthetic", "synthetic_train_size": 100}})
     assert "`train.batch_size`" in message(raw)
+
+
+def test_subsets_default_to_the_whole_splits(default_params):
+    data = parse_params(default_params).data
+    assert (data.train_subset, data.test_subset) == (0, 0)
+    assert parse_params(merge(default_params, {"data": {"train_subset": 1000, "test_subset": 200}})).data.test_subset == 200
+
+
+@pytest.mark.parametrize("split,size", [("train", 5000), ("test", 1000)])
+def test_subset_larger_than_the_synthetic_split(default_params, split, size):
+    synthetic = {"source": "synthetic", "train_subset": 0, "test_subset": 0}
+    raw = merge(default_params, {"data": {**synthetic, f"{split}_subset": size + 1}})
+    assert message(raw) == (f"params key `data.{split}_subset` is {size + 1}; allowed: 0 (the whole split) or at most "
+                            f"data.synthetic_{split}_size ({size})")
+    assert getattr(parse_params(merge(default_params, {"data": {**synthetic, f"{split}_subset": size}})).data,
+                   f"{split}_subset") == size
+
+
+def test_batch_larger_than_the_training_subset(default_params):
+    raw = merge(default_params, {"data": {"train_subset": 100}})            # cifar10 source: no other bound known here
+    text = message(raw)
+    assert "`train.batch_size` is 512" in text and "data.train_subset = 100" in text
 
 
 def test_missing_key(default_params):

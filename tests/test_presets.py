@@ -25,6 +25,8 @@ from conftest import TINY, REPO, run
 
 CONF = REPO / "conf"
 DEFAULT_PRESET = "assignment10"
+DEFAULT_BUDGET = "full"
+BUDGETS = sorted(path.stem for path in (CONF / "budget").glob("*.yaml"))   # the folder is the one list of names
 
 # The seeds' recipe numbers (shared/seeds/README.md): model, batch size, epochs, and the target
 # accuracy where the write-up states one (assignment 7 and 8 do not: see their preset files).
@@ -74,7 +76,7 @@ def test_hydra_is_enabled_and_the_base_comes_before_the_preset():
 
     assert ConfigObj(str(REPO / ".dvc" / "config"))["hydra"]["enabled"].lower() == "true"
     defaults = yaml.safe_load((CONF / "config.yaml").read_text())["defaults"]
-    assert defaults == ["_self_", {"preset": DEFAULT_PRESET}]
+    assert defaults == ["_self_", {"preset": DEFAULT_PRESET}, {"budget": DEFAULT_BUDGET}]   # a budget overrides a preset
 
 
 # Presets that reproduce no write-up: tested in their own files (tests/test_fast_preset.py).
@@ -168,6 +170,91 @@ def test_compose_command_writes_and_checks_params_yaml(tmp_path):
     assert missing.returncode == 1 and "nowhere/config.yaml does not exist" in missing.stderr
 
 
+# --- budgets: how much of a preset's run to spend (conf/budget/), orthogonal to the preset -----------
+
+def budget_file(name: str) -> dict:
+    return yaml.safe_load((CONF / "budget" / f"{name}.yaml").read_text()) or {}
+
+
+def test_budget_files():
+    assert {"full", "quick"} <= set(BUDGETS)
+    for name in BUDGETS:
+        assert (CONF / "budget" / f"{name}.yaml").read_text().startswith("# @package _global_\n"), name
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_each_budget_records_its_own_name(budget):
+    # `dvc exp show` tells a quick run from a full one by report.budget, and the file name is the
+    # one place a budget is named: the value a composition records must be that name.
+    assert compose([f"budget={budget}"])["report"]["budget"] == budget
+
+
+def test_full_budget_is_the_assignment_as_written():
+    assert budget_file("full") == {}                       # it sets nothing
+    for preset in SEEDS:
+        assert compose([f"preset={preset}", "budget=full"]) == compose([f"preset={preset}"])
+
+
+def test_an_unknown_budget_is_refused_by_the_composition():
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match="budget"):
+        compose(["budget=quik"])
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        out.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+QUICK = flatten(budget_file("quick"))
+
+
+def test_quick_budget_sets_only_what_costs_time():
+    assert set(QUICK) == {"data.train_subset", "data.test_subset",
+                          "lr_find.start_lr", "lr_find.end_lr", "lr_find.num_iter", "lr_find.smooth_f",
+                          "lr_find.stop_rebound", "train.epochs", "train.max_at_epoch", "train.batch_size",
+                          "report.budget"}
+
+
+@pytest.mark.parametrize("preset", sorted(SEEDS))
+def test_quick_budget_with_each_preset(preset):
+    from cifarlab.params import parse_params
+
+    full, quick = compose([f"preset={preset}"]), compose([f"preset={preset}", "budget=quick"])
+    changed = {key for key, value in flatten(quick).items() if flatten(full)[key] != value}
+    assert changed <= set(QUICK)
+    assert {key: flatten(quick)[key] for key in QUICK} == QUICK          # the budget wins over the preset
+    for source in ("cifar10", "synthetic"):
+        params = parse_params(compose([f"preset={preset}", "budget=quick", f"data.source={source}"]))
+        # what the recipe keeps: model, optimizer, augmentation, schedule shape, target
+        assert params.model.name == SEEDS[preset]["model"] and params.report.preset == preset
+        assert params.report.target_accuracy == SEEDS[preset]["target"]
+        assert (params.train.max_lr, params.optim.name) == (full["train"]["max_lr"], full["optim"]["name"])
+        # what it cuts
+        assert params.train.epochs < SEEDS[preset]["epochs"]
+        assert 1 <= params.train.max_at_epoch < params.train.epochs      # OneCycle still rises, then falls
+        assert params.lr_find.num_iter < full["lr_find"]["num_iter"]
+        assert 0 < params.data.train_subset <= params.data.synthetic_train_size
+        assert 0 < params.data.test_subset <= params.data.synthetic_test_size
+        assert params.train.batch_size * 10 <= params.data.train_subset    # at least 10 steps per epoch
+        assert params.report.budget == "quick"
+
+
+def test_quick_range_test_can_read_a_minimum_from_its_16th_point():
+    """The rules skip the first SKIP_START points and need MIN_WINDOW below the loss minimum: the
+    range test's LR at that point must sit below the lowest loss minimum measured at the quick batch
+    (5e-4, assignment 8's raw losses on the synthetic set), and its last LR above the highest (8e-2,
+    assignment 7)."""
+    from cifarlab.lr_rules import MIN_WINDOW, SKIP_START
+
+    start, end, points = QUICK["lr_find.start_lr"], QUICK["lr_find.end_lr"], QUICK["lr_find.num_iter"]
+    first_readable_minimum = start * (end / start) ** ((SKIP_START + MIN_WINDOW) / (points - 1))
+    assert first_readable_minimum < 5e-4 / 2 and end > 8e-2 * 2
+
+
 def test_every_key_in_params_yaml_is_commented():
     missing = [line for line in body((REPO / "params.yaml").read_text()).splitlines()
                if line.startswith(" ") and " # " not in line]
@@ -224,3 +311,46 @@ def test_presets_run_as_named_experiments_and_compare(tmp_path, monkeypatch):
     run(["dvc", "plots", "diff", "assignment-7", "assignment-10", "-o", str(out)], work)
     html = (out / "index.html").read_text()
     assert '"assignment-7"' in html and '"assignment-10"' in html and "Accuracy per epoch" in html
+
+
+@pytest.mark.e2e
+def test_quick_budget_runs_a_preset_end_to_end(tmp_path, monkeypatch):
+    """`dvc exp run -S preset=assignment7 -S budget=quick` on the synthetic set: the preset's recipe
+    with the quick budget's cuts, on class-balanced subsets taken when the stages load data/ (which
+    keeps the whole split, so changing a subset never reruns download)."""
+    import math
+    import time
+
+    from test_pipeline_e2e import exp_rows, make_repo, ran_stages
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    work = make_repo(tmp_path, {"data": {"source": "synthetic"}})     # only the source: the budget's keys stay
+    started = time.perf_counter()
+    result = run(["dvc", "exp", "run", "-n", "a7-quick", "-S", "preset=assignment7", "-S", "budget=quick"], work)
+    print(f"assignment7, budget quick: {time.perf_counter() - started:.0f} s")
+    assert ran_stages(result.stdout) == {"download", "lr_find", "train", "evaluate", "report"}
+
+    params = exp_rows(json.loads(run(["dvc", "exp", "show", "--json"], work).stdout))["a7-quick"]["params"]
+    params = params["params.yaml"]["data"]
+    assert (params["report"]["preset"], params["report"]["budget"]) == ("assignment7", "quick")
+    assert params["model"]["name"] == SEEDS["assignment7"]["model"]
+    for key, value in QUICK.items():
+        section, name = key.split(".")
+        assert params[section][name] == value, key
+
+    train_size, test_size = QUICK["data.train_subset"], QUICK["data.test_subset"]
+    meta = json.loads((work / "data" / "meta.json").read_text())
+    assert (meta["train_size"], meta["test_size"]) == (5000, 1000)          # data/ holds the whole synthetic split
+    assert f"on {train_size} synthetic images" in result.stdout               # train saw the subset
+    evaluation = json.loads((work / "metrics" / "evaluate.json").read_text())
+    assert evaluation["test_images"] == test_size                             # evaluate measured the test subset
+    assert sum(1 for _ in (work / "plots" / "confusion.csv").open()) == test_size + 1
+    lr_find = json.loads((work / "metrics" / "lr_find.json").read_text())
+    assert lr_find["iterations"] <= QUICK["lr_find.num_iter"] and lr_find["max_lr"] < lr_find["loss_minimum_lr"]
+    steps = (work / "plots" / "lr_schedule.csv").read_text().splitlines()[1:]
+    assert len(steps) == QUICK["train.epochs"] * math.ceil(train_size / QUICK["train.batch_size"])
+
+    smaller = run(["dvc", "exp", "run", "-n", "a7-quick-50", "-S", "preset=assignment7", "-S", "budget=quick",
+                   "-S", "data.test_subset=50"], work)
+    assert ran_stages(smaller.stdout) == {"train", "evaluate", "report"}    # no new download, no new range test
+    assert json.loads((work / "metrics" / "evaluate.json").read_text())["test_images"] == 50

@@ -253,6 +253,8 @@ def test_fingerprint_depends_on_code_data_and_params(stage_dir, monkeypatch):
     assert run_fingerprint(params, runtime, 0.02) != base
     changed = parse_params(merge(_params(stage_dir), {"augment": {"hflip": 0.0}}))
     assert run_fingerprint(changed, runtime, 0.01) != base
+    for subset in ({"train_subset": 100}, {"test_subset": 100}):      # other images: not the same run
+        assert run_fingerprint(parse_params(merge(_params(stage_dir), {"data": subset})), runtime, 0.01) != base
     # code: exactly the files dvc.yaml lists as train's deps (one list for DVC and for resuming)
     for module in ("report.py", "plots.py", "gradcam.py"):             # not train's deps: the state survives
         with open(stage_dir / "src/cifarlab" / module, "a") as handle:

@@ -24,7 +24,7 @@ from cifarlab.models.classifier import prepare_model
 from cifarlab.params import Params
 from cifarlab.plots import confusion_figure, gallery_figure, gradcam_figure, per_class_figure
 from cifarlab.runtime import select_runtime
-from cifarlab.storage import load_dataset
+from cifarlab.subset import load_subset
 
 
 def evaluate_checkpoint(params: Params) -> dict:
@@ -33,7 +33,8 @@ def evaluate_checkpoint(params: Params) -> dict:
     started = time.perf_counter()
     settings = params.evaluate
     runtime = select_runtime(params.runtime)
-    dataset = load_dataset(paths.DATA_DIR)   # checks the test split's size for the source
+    # data/ is checked whole (the test split's size for the source), then cut to data.test_subset (0 = all)
+    dataset = load_subset(paths.DATA_DIR, test=params.data.test_subset)
     classes = dataset.classes
     model, checkpoint = load_checkpoint(paths.CHECKPOINT)
     model = prepare_model(model, runtime)   # Grad-CAM makes its own fp32 CPU copy

@@ -24,7 +24,7 @@ from cifarlab.models.classifier import build_model
 from cifarlab.params import LrFindParams, Params
 from cifarlab.runtime import Runtime, seed_everything, select_runtime
 from cifarlab.schedule import build_optimizer
-from cifarlab.storage import load_dataset
+from cifarlab.subset import load_subset
 
 
 def turned_up(losses: Sequence[float], rebound: float) -> bool:
@@ -90,7 +90,7 @@ def find_max_lr(params: Params) -> dict:
     """The lr_find stage's work: the range test with the training model, optimizer, batch size and
     augmentation; writes the curve (plots/lr_find.csv) and metrics/lr_find.json and returns the latter."""
     runtime = select_runtime(params.runtime)
-    dataset = load_dataset(paths.DATA_DIR)
+    dataset = load_subset(paths.DATA_DIR, train=params.data.train_subset)
     seed_everything(params.train.seed)
     loader = train_loader(dataset.train, params.augment, params.train.batch_size,
                           params.train.seed, runtime)

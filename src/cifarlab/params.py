@@ -177,6 +177,8 @@ class DataParams:
     synthetic_train_size: int = key(positive_int)
     synthetic_test_size: int = key(positive_int)
     synthetic_seed: int = key(any_int)
+    train_subset: int = key(non_negative_int)
+    test_subset: int = key(non_negative_int)
 
 
 @dataclass(frozen=True)
@@ -280,6 +282,7 @@ class EvaluateParams:
 @dataclass(frozen=True)
 class ReportParams:
     preset: str = key(text)
+    budget: str = key(text)
     target_accuracy: float = key(probability)
     writeup_accuracy: Optional[float] = key(null_or(probability, "a number from 0 to 1"))
     title: str = key(text)
@@ -362,10 +365,21 @@ def _check_across_sections(params: Params) -> None:
     if params.augment.alternate_flip and params.augment.path == "per_image":
         raise ParamsError("params key `augment.alternate_flip` is true; allowed only with augment.path batch or auto "
                           "(the per-image path flips at random)")
-    if params.data.source == "synthetic" and train.batch_size > params.data.synthetic_train_size:
+    data = params.data
+    if data.source == "synthetic":
+        for split in ("train", "test"):
+            subset, size = getattr(data, f"{split}_subset"), getattr(data, f"synthetic_{split}_size")
+            if subset > size:
+                raise ParamsError(f"params key `data.{split}_subset` is {subset}; allowed: 0 (the whole split) or "
+                                  f"at most data.synthetic_{split}_size ({size})")
+    if data.train_subset and train.batch_size > data.train_subset:
+        raise ParamsError(
+            f"params key `train.batch_size` is {train.batch_size}; allowed: at most the training images used "
+            f"(data.train_subset = {data.train_subset})")
+    if data.source == "synthetic" and train.batch_size > data.synthetic_train_size:
         raise ParamsError(
             f"params key `train.batch_size` is {train.batch_size}; allowed: at most the training split size "
-            f"(data.synthetic_train_size = {params.data.synthetic_train_size})")
+            f"(data.synthetic_train_size = {data.synthetic_train_size})")
 
 
 def parse_params(raw: Any) -> Params:

@@ -42,7 +42,8 @@ from cifarlab.models.classifier import build_model
 from cifarlab.params import Params, ParamsError, read_yaml
 from cifarlab.runtime import Runtime, rng_state, seed_everything, select_runtime, set_rng_state
 from cifarlab.schedule import build_optimizer, build_scheduler, onecycle_for
-from cifarlab.storage import Dataset, load_dataset
+from cifarlab.storage import Dataset
+from cifarlab.subset import load_subset
 
 LOGGED = ("train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr")
 
@@ -111,6 +112,7 @@ def run_fingerprint(params: Params, runtime: Runtime, max_lr: float, root: Path 
     digest = hashlib.sha256()
     determining = {name: params.to_dict()[name] for name in ("model", "augment", "optim", "train")}
     determining["evaluate.batch_size"] = params.evaluate.batch_size
+    determining["data.subsets"] = [params.data.train_subset, params.data.test_subset]   # which images train sees
     determining["resolved_max_lr"] = max_lr
     determining["runtime"] = {k: v for k, v in runtime.describe().items() if k not in ("threads", "num_workers")}
     determining["world_size"] = world_size
@@ -155,14 +157,15 @@ def train_stage(params: Params, script: str) -> None:
     N processes of `script` as one DDP run, which this process starts and waits for
     (see cifarlab.distributed); a process started that way, or by torchrun, trains its share."""
     runtime = select_runtime(params.runtime)
+    subsets = params.data.train_subset, params.data.test_subset   # the images train sees (0 = a whole split)
     if params.runtime.nproc > 1 and not launched():
         check_batch_size(params.train.batch_size, Distributed(world_size=params.runtime.nproc))
-        load_dataset(paths.DATA_DIR)              # a bad data file is reported once, here
+        load_subset(paths.DATA_DIR, *subsets)     # a bad data file or subset size is reported once, here
         launch(params.runtime.nproc, script)
         return
     world = init_distributed(runtime.device.type)
     try:
-        fit(params, load_dataset(paths.DATA_DIR), runtime, world)
+        fit(params, load_subset(paths.DATA_DIR, *subsets), runtime, world)
     finally:
         shutdown()
 
