@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cifarlab.data import make_synthetic, save_dataset
 from cifarlab.params import ParamsError
+from cifarlab.sources import make_synthetic
+from cifarlab.storage import save_dataset
 from cifarlab.subset import balanced_indices, load_subset
 
 CLASSES = 10
