@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Iterable, Optional
 
 import numpy as np
@@ -74,6 +75,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
     Loss and correct counts accumulate on the device: there is no host sync per batch except
     every few batches, where the progress bar reads the running loss and the divergence guard is
     checked. `lrs` is the run's per-batch LR log so far; this epoch's LRs are appended to it.
+    The result also says how long the pass waited for its batches (`data_wait_seconds`, of which
+    `first_batch_seconds` for the first: the loader's start).
     """
     model.train()
     loss_sum = torch.zeros((), device=runtime.device)
@@ -82,7 +85,20 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
     lrs = [] if lrs is None else lrs
     first_step = scheduler.last_epoch
     steps_per_epoch = len(batches) if hasattr(batches, "__len__") else 0
-    for batch_index, (images, labels) in enumerate(batches):
+    iterator = iter(batches)
+    data_wait = first_batch_wait = 0.0
+    batch_index = -1
+    while True:
+        waited = time.perf_counter()
+        try:
+            images, labels = next(iterator)
+        except StopIteration:
+            break
+        waited = time.perf_counter() - waited
+        data_wait += waited
+        batch_index += 1
+        if batch_index == 0:
+            first_batch_wait = waited
         images, labels = to_device(images, labels, runtime)
         step = first_step + batch_index
         lrs.append(optimizer.param_groups[0]["lr"])
@@ -117,7 +133,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
         guard.check(lrs, steps_per_epoch)
     loss_total, correct_total, seen_total = all_reduce_sum([loss_sum.item(), correct.item(), seen], runtime.device)
     return {"loss": loss_total / seen_total, "accuracy": correct_total / seen_total, "images": int(seen_total),
-            "last_lr": lrs[-1]}
+            "last_lr": lrs[-1], "data_wait_seconds": data_wait, "first_batch_seconds": first_batch_wait}
 
 
 @torch.inference_mode()
