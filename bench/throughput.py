@@ -24,38 +24,49 @@ stderr; --json writes the same numbers. Nothing is written to the repository.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import platform
 import resource
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, Optional
 
-import albumentations as A
-import cv2
-import numpy as np
-import torch
-import yaml
-from albumentations.pytorch import ToTensorV2
-from tqdm import tqdm
-
-from cifarlab.augment import IMAGE_SIZE
-from cifarlab.loaders import augment_path, iterate_batches, train_loader
-from cifarlab.loops import DivergenceGuard, evaluate, train_one_epoch
-from cifarlab.models import create_model
-from cifarlab.models.classifier import build_model
-from cifarlab.params import Params, parse_params
-from cifarlab.runtime import Runtime, cpu_supports_bf16, seed_everything, select_runtime
-from cifarlab.schedule import build_optimizer, build_scheduler, onecycle_for
-from cifarlab.sources import make_synthetic
-from cifarlab.storage import CIFAR_MEAN, CIFAR_STD, Dataset, Split, load_dataset
-
 REPO = Path(__file__).resolve().parents[1]
-FALLBACK_MAX_LR = 1.7e-3   # used when train.max_lr is `find` and no lr_find result exists; speed ignores it
+if sys.path[:1] != [str(REPO / "src")]:
+    sys.path.insert(0, str(REPO / "src"))   # this checkout's library, as stages/_src.py does for the stages
+
+import albumentations as A  # noqa: E402  (after the path above)
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from albumentations.pytorch import ToTensorV2  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from cifarlab import paths  # noqa: E402
+from cifarlab.augment import IMAGE_SIZE  # noqa: E402
+from cifarlab.errors import CifarlabError  # noqa: E402
+from cifarlab.loaders import augment_path, iterate_batches, train_loader  # noqa: E402
+from cifarlab.loops import DivergenceGuard, evaluate, train_one_epoch  # noqa: E402
+from cifarlab.models import create_model  # noqa: E402
+from cifarlab.models.classifier import build_model  # noqa: E402
+from cifarlab.params import Params, apply_overrides, parse_params, read_yaml  # noqa: E402
+from cifarlab.runtime import cpu_supports_bf16, Runtime, seed_everything, select_runtime, to_device  # noqa: E402
+from cifarlab.schedule import build_optimizer, build_scheduler, onecycle_for  # noqa: E402
+from cifarlab.sources import make_synthetic  # noqa: E402
+from cifarlab.storage import CIFAR_MEAN, CIFAR_STD, Dataset, load_dataset, Split  # noqa: E402
+from cifarlab.trainer import fit, resolve_max_lr  # noqa: E402
+
+# The OneCycle peak when train.max_lr is `find` and this checkout has no usable lr_find output: the
+# timings do not depend on it, so the benchmark runs on without `dvc repro lr_find` and says so.
+FALLBACK_MAX_LR = 1.7e-3
 
 
 def log(message: str) -> None:
@@ -65,29 +76,36 @@ def log(message: str) -> None:
 # --- params and data ----------------------------------------------------------------------------
 
 def load_bench_params(path: Path, overrides: list[str], batch_size: int) -> Params:
-    """params.yaml with `--set section.key=value` overrides and the benchmark's batch size."""
-    raw = yaml.safe_load(path.read_text())
-    for override in overrides:
-        dotted, sep, value = override.partition("=")
-        if not sep or "." not in dotted:
-            raise SystemExit(f"--set expects section.key=value, got {override!r}")
-        section, name = dotted.split(".", 1)
-        if section not in raw or name not in raw[section]:
-            raise SystemExit(f"--set: params.yaml has no key {dotted}")
-        raw[section][name] = yaml.safe_load(value)
+    """params.yaml read as the stages read it (`read_yaml`, `parse_params`), with the `--set
+    section.key=value` overrides (`apply_overrides`) and the benchmark's batch size."""
+    raw = apply_overrides(read_yaml(path), overrides)
     raw["train"]["batch_size"] = batch_size
     # The benchmark sizes its own synthetic set; keep the cross-section size check satisfied.
     raw["data"]["synthetic_train_size"] = max(raw["data"]["synthetic_train_size"], batch_size)
     return parse_params(raw)
 
 
-def max_lr_of(params: Params) -> float:
-    if params.train.max_lr != "find":
-        return float(params.train.max_lr)
+@contextlib.contextmanager
+def working_directory(path: Path):
+    previous = Path.cwd()
+    os.chdir(path)
     try:
-        return float(json.loads((REPO / "metrics" / "lr_find.json").read_text())["max_lr"])
-    except (OSError, ValueError, KeyError):
-        return FALLBACK_MAX_LR
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def bench_max_lr(params: Params) -> tuple[float, str]:
+    """The OneCycle peak the train stage would use, resolved by the trainer's own `resolve_max_lr`
+    from the repository root, and where it came from; when train.max_lr is `find` and there is no
+    usable lr_find output, FALLBACK_MAX_LR, labelled as such."""
+    if params.train.max_lr != "find":
+        return resolve_max_lr(params.train.max_lr), "params (train.max_lr)"
+    try:
+        with working_directory(REPO):
+            return resolve_max_lr(params.train.max_lr), "lr_find (train.max_lr: find)"
+    except CifarlabError:
+        return FALLBACK_MAX_LR, f"fallback {FALLBACK_MAX_LR:g} (train.max_lr is find but there is no lr_find output)"
 
 
 def bench_dataset(data: str, params: Params, train_images: int, eval_images: int) -> Dataset:
@@ -189,7 +207,7 @@ class PipelinePath(TimedPath):
                               params.train.seed, runtime)
         self.model = build_model(params.model, runtime, len(dataset.classes), dataset.train.images)
         self.trained = torch.compile(self.model) if compile_model else self.model
-        max_lr = max_lr_of(params)
+        max_lr = float(params.train.max_lr)   # resolved in main (bench_max_lr)
         self.optimizer = build_optimizer(self.trained, params.optim, lr=max_lr / params.train.div_factor)
         # The real run's OneCycle: epochs x the loader's real length (for synthetic data, the
         # benchmark's own length), so the timed batches sit at the start of the real schedule.
@@ -220,6 +238,48 @@ def with_augment_path(params: Params, path: str) -> Params:
 
 def other_augment_path(params: Params, runtime: Runtime) -> str:
     return "per_image" if augment_path(params.augment, runtime)[0] == "batch" else "batch"
+
+
+class StepAlonePath(PipelinePath):
+    """The pipeline path without its loader: the same first batches, collated once and already on the
+    device, so `run(n)` times the training step alone (one `train_one_epoch` call, no data wait)."""
+
+    def __init__(self, params: Params, runtime: Runtime, dataset: Dataset, total_batches: int):
+        super().__init__(params, runtime, dataset, total_batches, label="step alone")
+        resident = [to_device(images, labels, runtime) for images, labels in
+                    itertools.islice(self.iterator, total_batches)]
+        self.iterator = iter(resident)   # ends the loader's iteration (and its workers, if not persistent)
+
+
+def time_epoch_loop(params: Params, runtime: Runtime, dataset: Dataset, epochs: int) -> dict:
+    """The train stage's epoch loop itself: `trainer.fit` for `epochs` epochs over the benchmark's data,
+    run in a scratch directory (a copy of dvc.yaml, which the run fingerprint reads; everything fit
+    writes stays there). Returns train_speed.json's per-epoch phase times (see trainer._phase_times)."""
+    loop_params = replace(params, train=replace(params.train, epochs=epochs,
+                                                max_at_epoch=min(params.train.max_at_epoch, epochs)))
+    with tempfile.TemporaryDirectory(prefix="bench-loop-") as tmp:
+        shutil.copy2(REPO / "dvc.yaml", Path(tmp) / "dvc.yaml")
+        with working_directory(Path(tmp)), contextlib.redirect_stdout(sys.stderr):   # fit's log lines
+            fit(loop_params, dataset, runtime)
+        speed = json.loads((Path(tmp) / paths.TRAIN_SPEED).read_text())
+    return speed
+
+
+def loop_results(speed: dict, train_images: int) -> dict:
+    """Bench keys from the epoch loop's phases: the first epoch alone (worker start-up, first-call
+    allocation), then means over the later epochs (all of them when there is one)."""
+    phases = speed["epoch_phases"]
+    later = phases[1:] or phases
+
+    def mean(name: str) -> float:
+        return sum(p[name] for p in later) / len(later)
+
+    out = {"loop_epochs": len(phases), "loop_first_epoch_seconds": phases[0]["seconds"],
+           "loop_epoch_seconds": mean("seconds"), "loop_images_per_s": train_images / mean("seconds"),
+           "loop_step_images_per_s": train_images / mean("steps")}
+    for name in ("steps", "data_wait", "first_batch", "test_pass", "state_save", "other", "overhead"):
+        out[f"loop_{name}_seconds"] = mean(name)
+    return out
 
 
 def time_loader(params: Params, runtime: Runtime, dataset: Dataset, warmup: int, batches: int) -> dict:
@@ -280,7 +340,7 @@ class ReferencePath(TimedPath):
         self.device = device
         self.model = create_model(params.model.name, num_classes=len(dataset.classes),
                                   dropout=params.model.dropout).to(device)
-        max_lr = max_lr_of(params)
+        max_lr = float(params.train.max_lr)   # resolved in main (bench_max_lr)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=max_lr / params.train.div_factor,
                                           weight_decay=params.optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -345,8 +405,8 @@ def run_training_paths(args, params: Params, runtime: Runtime, dataset: Dataset,
     batches alternate one at a time between paths (one `train_one_epoch` call per batch), so a
     change in background load during the run hits every path alike.
     """
-    names = (["pipeline"] + ([] if args.skip_reference else ["reference"]) + (["compiled"] if args.compile else [])
-             + (["other_augment_path"] if args.both_augment_paths else []))
+    names = (["pipeline", "step_alone"] + ([] if args.skip_reference else ["reference"])
+             + (["compiled"] if args.compile else []) + (["other_augment_path"] if args.both_augment_paths else []))
     total = args.warmup + args.batches
     results: dict = {"compile_status": "ok" if args.compile else "not run (pass --compile)"}
 
@@ -357,6 +417,8 @@ def run_training_paths(args, params: Params, runtime: Runtime, dataset: Dataset,
         elif name == "other_augment_path":
             path = PipelinePath(with_augment_path(params, other_augment_path(params, runtime)), runtime, dataset,
                                 total, label=name)
+        elif name == "step_alone":
+            path = StepAlonePath(params, runtime, dataset, total)
         else:
             path = PipelinePath(params, runtime, dataset, total, compile_model=name == "compiled", label=name)
         path.warmup(args.warmup if name != "compiled" else max(args.warmup, 1))
@@ -459,10 +521,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--skip-reference", action="store_true", help="do not time the seed-style loop")
     parser.add_argument("--both-augment-paths", action="store_true",
                         help="also time training on the other augmentation path (augment.path per_image vs batch)")
+    parser.add_argument("--loop-epochs", type=int, default=3,
+                        help="epochs of the train stage's own epoch loop (trainer.fit) to run over the benchmark's "
+                             "data, the first reported apart (default 3; 0 = skip)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
-    if args.batches < 1 or args.warmup < 0 or args.batch_size < 1:
-        parser.error("--batches and --batch-size must be >= 1, --warmup >= 0")
+    if args.batches < 1 or args.warmup < 0 or args.batch_size < 1 or args.loop_epochs < 0:
+        parser.error("--batches and --batch-size must be >= 1, --warmup and --loop-epochs >= 0")
     if args.data == "synthetic" and args.eval_images < 1:
         parser.error("--eval-images must be >= 1 with synthetic data")
 
@@ -471,8 +536,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     cv2.setNumThreads(0)   # as the seeds do; the pipeline's albumentations work on single images anyway
     wall_started = time.perf_counter()
     load_start = os.getloadavg()[0]
-    params = load_bench_params(args.params, args.overrides, args.batch_size)
-    runtime = select_runtime(params.runtime)
+    try:
+        params = load_bench_params(args.params, args.overrides, args.batch_size)
+        max_lr, max_lr_source = bench_max_lr(params)
+        params = replace(params, train=replace(params.train, max_lr=max_lr))
+        runtime = select_runtime(params.runtime)
+    except CifarlabError as err:   # ParamsError included: one line naming the key
+        print(f"bench: error: {err}", file=sys.stderr)
+        return 2
     needed = (args.warmup + args.batches) * args.batch_size
     dataset = bench_dataset(args.data, params, needed, args.eval_images)
 
@@ -484,7 +555,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "num_workers": runtime.num_workers, "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(), "cpu_count": os.cpu_count(),
         "cpu": describe_cpu(), "cpu_bf16": cpu_supports_bf16(), "torch": torch.__version__,
-        "max_lr": max_lr_of(params),
+        "max_lr": max_lr, "max_lr_source": max_lr_source,
     }
     log(f"{params.model.name} batch {args.batch_size}: {args.warmup} warmup + {args.batches} timed batches per path, "
         f"{runtime.device} {runtime.precision} channels_last={runtime.channels_last} workers={runtime.num_workers} "
@@ -503,6 +574,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     report_path(out, "pipeline", pipeline, "images_per_s", "step_ms", "data_wait_share", "data_wait_ms_per_batch",
                 "cores_used")
     out["peak_rss_mib_after_pipeline"] = timed["peak_rss_mib_after_pipeline"]
+    report_path(out, "step_alone", timed["step_alone"], "images_per_s", "step_ms")
     if "reference" in timed:
         reference = timed["reference"]
         report_path(out, "reference", reference, "images_per_s", "step_ms", "data_wait_share", "cores_used")
@@ -515,6 +587,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     evaluation = time_eval(timed["pipeline_model"], dataset.test, params.evaluate.batch_size, runtime)
     out["eval_images_per_s"] = evaluation["images_per_s"]
     out["eval_images"] = evaluation["images"]
+    out["eval_seconds"] = evaluation["seconds"]
+    del timed["pipeline_model"]
+
+    if args.loop_epochs:
+        log(f"running the train stage's epoch loop (trainer.fit) for {args.loop_epochs} epochs")
+        out.update(loop_results(time_epoch_loop(params, runtime, dataset, args.loop_epochs), len(dataset.train)))
+        out["loop_over_step_alone"] = out["loop_images_per_s"] / out["step_alone_train_images_per_s"]
+    else:
+        out["loop_epochs"] = "skipped"
 
     if "other_augment_path" in timed:
         other = timed["other_augment_path"]

@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 import yaml
 
-from cifarlab.params import ParamsError, load_params, parse_params
+from cifarlab.params import apply_overrides, ParamsError, load_params, parse_params
 from conftest import REPO, merge
 
 
@@ -169,3 +169,34 @@ def test_augment_sizes_above_the_image_side_are_refused(default_params, key, val
 @pytest.mark.parametrize("key", ["cutout_size", "pad"])
 def test_augment_sizes_up_to_the_image_side_are_accepted(default_params, key):
     assert getattr(parse_params(merge(default_params, {"augment": {key: 32}})).augment, key) == 32
+
+
+# --- command-line overrides (bench/throughput.py --set) -----------------------------------------
+
+def test_overrides_are_read_as_params_yaml_values(default_params):
+    raw = apply_overrides(default_params, ["train.max_lr=1e-3", "runtime.channels_last=false",
+                                           "runtime.num_workers=0", "train.max_lr=find", "model.name=a7_net"])
+    params = parse_params(raw)
+    assert (params.train.max_lr, params.runtime.channels_last, params.runtime.num_workers) == ("find", False, 0)
+    assert params.model.name == "a7_net"
+    assert parse_params(apply_overrides(default_params, ["train.max_lr=1e-3"])).train.max_lr == 0.001   # YAML 1.2
+    assert default_params["model"]["name"] != "a7_net"            # the input is not modified
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.max_lrr=0.1", "unknown params key `train.max_lrr` (did you mean `train.max_lr`?); allowed: epochs"),
+    ("trian.epochs=3", "unknown params key `trian` (did you mean `train`?); allowed: data, model"),
+    ("train.max_lr", "--set 'train.max_lr': expected section.key=value"),
+    ("max_lr=0.1", "--set 'max_lr=0.1': expected section.key=value"),
+    ("train.max_lr.x=1", "expected section.key=value"),
+    ("train.epochs=[1", "--set train.epochs=[1: the value is not valid YAML"),
+])
+def test_bad_override_is_one_line_naming_it(default_params, override, message):
+    with pytest.raises(ParamsError) as error:
+        apply_overrides(default_params, [override])
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_override_of_the_wrong_type_fails_naming_the_key(default_params):
+    with pytest.raises(ParamsError, match=r"params key `train.epochs` is 'three'; allowed: a whole number >= 1"):
+        parse_params(apply_overrides(default_params, ["train.epochs=three"]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Callable, Iterable, Optional
 
 import numpy as np
@@ -75,6 +76,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
     every few batches, where the progress bar reads the running loss and the divergence guard is
     checked. `lrs` is the run's per-batch LR log so far; this epoch's LRs are appended to it.
     `after_step(n)` runs after the n-th optimizer step of the run (e.g. lookahead).
+    The result also says how long the pass waited for its batches (`data_wait_seconds`, of which
+    `first_batch_seconds` for the first: the loader's start).
     """
     model.train()
     loss_sum = torch.zeros((), device=runtime.device)
@@ -83,7 +86,20 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
     lrs = [] if lrs is None else lrs
     first_step = scheduler.last_epoch
     steps_per_epoch = len(batches) if hasattr(batches, "__len__") else 0
-    for batch_index, (images, labels) in enumerate(batches):
+    iterator = iter(batches)
+    data_wait = first_batch_wait = 0.0
+    batch_index = -1
+    while True:
+        waited = time.perf_counter()
+        try:
+            images, labels = next(iterator)
+        except StopIteration:
+            break
+        waited = time.perf_counter() - waited
+        data_wait += waited
+        batch_index += 1
+        if batch_index == 0:
+            first_batch_wait = waited
         images, labels = to_device(images, labels, runtime)
         step = first_step + batch_index
         lrs.append(optimizer.param_groups[0]["lr"])
@@ -120,7 +136,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
         guard.check(lrs, steps_per_epoch)
     loss_total, correct_total, seen_total = all_reduce_sum([loss_sum.item(), correct.item(), seen], runtime.device)
     return {"loss": loss_total / seen_total, "accuracy": correct_total / seen_total, "images": int(seen_total),
-            "last_lr": lrs[-1]}
+            "last_lr": lrs[-1], "data_wait_seconds": data_wait, "first_batch_seconds": first_batch_wait}
 
 
 @torch.inference_mode()

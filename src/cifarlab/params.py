@@ -11,13 +11,14 @@ params.yaml is parsed exactly as DVC parses it (`dvc.utils.serialize.parse_yaml`
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 from ruamel.yaml import YAML
 from ruamel.yaml.constructor import DuplicateKeyError
@@ -414,3 +415,33 @@ def read_yaml(path: str | Path) -> Any:
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate params.yaml; any problem is a ParamsError naming the key."""
     return parse_params(read_yaml(path))
+
+
+def apply_overrides(raw: Any, overrides: Iterable[str], option: str = "--set") -> Any:
+    """A copy of the params mapping `raw` with `section.key=value` overrides applied, for tools that
+    take them on the command line (bench/throughput.py's `--set`).
+
+    Each value is read as params.yaml's values are (YAML 1.2, so `1e-3` is a number and `find` a
+    string); the key must already exist. A malformed override or an unknown key is a one-line
+    ParamsError naming it; a value of the wrong type or range is caught by `parse_params` afterwards,
+    naming the key as for params.yaml itself.
+    """
+    out = copy.deepcopy(raw)
+    if not isinstance(out, dict):
+        raise ParamsError("params must be a mapping of sections")
+    for override in overrides:
+        dotted, sep, value = override.partition("=")
+        parts = dotted.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise ParamsError(f"{option} {override!r}: expected section.key=value, e.g. train.max_lr=0.003")
+        section, name = parts
+        if not isinstance(out.get(section), dict):
+            raise _unknown_key(section, list(out))
+        if name not in out[section]:
+            raise _unknown_key(f"{section}.{name}", list(out[section]))
+        try:
+            out[section][name] = YAML(typ="safe").load(value)
+        except YAMLError as err:
+            problem = getattr(err, "problem", None) or str(err).strip().splitlines()[-1]
+            raise ParamsError(f"{option} {section}.{name}={value}: the value is not valid YAML ({problem})") from None
+    return out

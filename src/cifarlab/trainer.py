@@ -199,6 +199,7 @@ def fit(params: Params, dataset: Dataset, runtime: Runtime, world: Distributed =
     lrs: list[float] = []
     epoch_seconds: list[float] = []
     images_per_second: list[float] = []
+    phases: list[dict] = []      # where each epoch's wall time went (train_speed.json's epoch_phases)
 
     fingerprint = run_fingerprint(params, runtime, max_lr, world_size=world.world_size)
     state_file = state_path(fingerprint)
@@ -216,6 +217,7 @@ def fit(params: Params, dataset: Dataset, runtime: Runtime, world: Distributed =
             lookahead.load_state_dict(state["lookahead"])
         history, lrs = state["history"], state["lrs"]
         epoch_seconds, images_per_second = state["epoch_seconds"], state["images_per_second"]
+        phases = state["phases"]
         first_epoch = state["epoch"] + 1
 
     augmentation, augmentation_reason = augment_path(params.augment, runtime)
@@ -249,17 +251,23 @@ def fit(params: Params, dataset: Dataset, runtime: Runtime, world: Distributed =
                 per_process = gather_objects({"rng": rng_state(), "guard": guard.state_dict()})   # a collective
                 if not world.is_main:
                     continue
+                timer = time.perf_counter()
                 test = evaluate(net, iterate_batches(dataset.test, params.evaluate.batch_size), runtime)
+                phase = _phase_times(epoch, result, seconds, test_pass=time.perf_counter() - timer)
                 row = {"train/loss": result["loss"], "train/accuracy": result["accuracy"],
                        "test/loss": test["loss"], "test/accuracy": test["accuracy"], "lr": result["last_lr"]}
                 for name in LOGGED:
                     history[name].append(row[name])
                 _log(live, epoch, row)
+                phases.append(phase)   # saved with the state; its save time and total are filled in below
+                timer = time.perf_counter()
                 _save_state(state_file, fingerprint, epoch, net, optimizer, scheduler, scaler, per_process,
-                            history, lrs, epoch_seconds, images_per_second, lookahead)
+                            history, lrs, epoch_seconds, images_per_second, phases, lookahead)
+                phase["state_save"] = time.perf_counter() - timer
                 print(f"epoch {epoch:3d}  lr {row['lr']:.3e}  train loss {row['train/loss']:.4f} "
                       f"acc {row['train/accuracy']:.4f}  test loss {row['test/loss']:.4f} "
                       f"acc {row['test/accuracy']:.4f}  {seconds:.1f}s {result['images'] / seconds:.0f} img/s")
+                _close_phase(phase, started)
         except TrainingDiverged as err:
             kept = (f"the last good state (epoch {epoch - 1}) is kept in {state_file}" if epoch > 1
                     else "no epoch completed")
@@ -288,7 +296,8 @@ def fit(params: Params, dataset: Dataset, runtime: Runtime, world: Distributed =
     write_json(paths.TRAIN_SPEED, {
         "images_per_second": sum(images_per_second) / len(images_per_second),
         "epoch_seconds_mean": sum(epoch_seconds) / len(epoch_seconds),
-        "epoch_seconds": epoch_seconds, "processes": world.world_size, **runtime.describe()})
+        "epoch_seconds": epoch_seconds, "processes": world.world_size, **runtime.describe(),
+        **_phase_summary(phases)})
     write_json(paths.TRAIN_SUMMARY, {   # what `dvc exp show` compares; the learning curves are in TRAIN_LIVE_DIR
         "max_lr": max_lr, "epochs": train.epochs,
         "images_per_second": sum(images_per_second) / len(images_per_second),
@@ -309,14 +318,43 @@ def _log(live: Live, epoch: int, row: dict[str, float]) -> None:
     live.next_step()
 
 
+PHASES = ("seconds", "steps", "data_wait", "first_batch", "test_pass", "state_save", "other", "overhead")
+
+
+def _phase_times(epoch: int, result: dict, train_seconds: float, test_pass: float) -> dict:
+    """The epoch's wall time so far, by phase: `steps` is the training pass less its waits for batches
+    (`data_wait`, of which `first_batch` is the loader's start); the rest is filled in by `_close_phase`."""
+    return {"epoch": epoch, "seconds": None, "steps": train_seconds - result["data_wait_seconds"],
+            "data_wait": result["data_wait_seconds"], "first_batch": result["first_batch_seconds"],
+            "test_pass": test_pass, "state_save": None, "other": None, "overhead": None}
+
+
+def _close_phase(phase: dict, started: float) -> None:
+    """Complete an epoch's record: `seconds` is its whole wall time (training to the log line),
+    `overhead` everything but the training steps and the test pass, `other` what no phase names
+    (progress bar, gathering RNG states, dvclive logging, the log line)."""
+    phase["seconds"] = time.perf_counter() - started
+    phase["overhead"] = phase["seconds"] - phase["steps"] - phase["test_pass"]
+    phase["other"] = phase["overhead"] - phase["data_wait"] - phase["state_save"]
+
+
+def _phase_summary(phases: list[dict]) -> dict:
+    """train_speed.json's per-epoch phase times and their means over the epochs measured whole (an
+    epoch saved just before an interruption has no save time or total: null)."""
+    complete = [p for p in phases if p.get("seconds") is not None]
+    means = {f"{name}_seconds_mean": sum(p[name] for p in complete) / len(complete)
+             for name in PHASES if complete}
+    return {"epoch_phases": phases, "epoch_phase_means": means}
+
+
 def _save_state(path: Path, fingerprint: str, epoch: int, model, optimizer, scheduler, scaler, per_process,
-                history, lrs, epoch_seconds, images_per_second, lookahead: Optional[Lookahead]) -> None:
+                history, lrs, epoch_seconds, images_per_second, phases, lookahead: Optional[Lookahead]) -> None:
     state = {"fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(),
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "scaler": scaler.state_dict() if scaler is not None else None,
              "guard": [p["guard"] for p in per_process], "rng": [p["rng"] for p in per_process],
              "history": history, "lrs": lrs, "epoch_seconds": epoch_seconds,
-             "images_per_second": images_per_second,
+             "images_per_second": images_per_second, "phases": phases,
              "lookahead": lookahead.state_dict() if lookahead is not None else None}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
