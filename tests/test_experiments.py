@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from conftest import merge, run, tool_env
+from conftest import REPO, merge, run, tool_env
 from test_pipeline_e2e import exp_rows, make_repo
 from test_scale_out import TINY_RUN, wait_for_queue
 
@@ -131,6 +131,23 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
 
 
 @pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (apt-get install chromium)")
+def interactive_plots() -> list[str]:
+    """The plots dvc.yaml declares that DVC draws with vega (every one but the PNG images)."""
+    import yaml
+
+    pipeline = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    declared = [next(iter(p)) if isinstance(p, dict) else p for p in pipeline.get("plots", [])]
+    for stage in pipeline["stages"].values():
+        declared += [next(iter(p)) if isinstance(p, dict) else p for p in stage.get("plots", [])]
+    return [name for name in declared if not name.endswith(".png")]
+
+
+def test_interactive_plots_are_the_curves_the_range_test_the_schedule_time_and_the_test_split():
+    assert sorted(interactive_plots()) == sorted([
+        "Accuracy per epoch", "Loss per epoch", "plots/lr_find.csv", "plots/lr_schedule.csv",
+        "plots/time_to_accuracy.csv", "plots/per_class.csv", "plots/confusion.csv"])
+
+
 def test_plots_diff_renders_offline_in_chromium(experiments, tmp_path):
     """The page as a browser with no network draws it: every interactive plot has a canvas with
     content, and the screenshot is not blank where the plots are."""
@@ -144,7 +161,7 @@ def test_plots_diff_renders_offline_in_chromium(experiments, tmp_path):
     browser = [_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
     dom = subprocess.run([*browser, "--dump-dom", page], capture_output=True, text=True, timeout=180).stdout
     plots = len(re.findall(r"vegaEmbed\(", (out / "index.html").read_text()))
-    assert plots == 6
+    assert plots == len(interactive_plots())
     assert dom.count("<canvas") == plots, "a plot was not drawn (vega failed to load or to render)"
     assert dom.count('class="vega-embed') == plots
 
