@@ -216,7 +216,7 @@ def test_quick_budget_sets_only_what_costs_time():
     assert set(QUICK) == {"data.train_subset", "data.test_subset",
                           "lr_find.start_lr", "lr_find.end_lr", "lr_find.num_iter", "lr_find.smooth_f",
                           "lr_find.stop_rebound", "train.epochs", "train.max_at_epoch", "train.batch_size",
-                          "report.budget"}
+                          "evaluate.gradcam_size", "report.budget"}
 
 
 @pytest.mark.parametrize("preset", sorted(SEEDS))
