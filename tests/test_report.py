@@ -269,7 +269,8 @@ def summary(tmp_path, default_params):
     history = {"train/loss": [1.2, 0.8], "train/accuracy": [0.5, 0.7], "test/loss": [1.0, 0.7],
                "test/accuracy": [0.5, 0.75], "lr": [1e-3, 1e-4]}
     return RunSummary(
-        report=ReportParams(preset="assignment10", target_accuracy=0.9, writeup_accuracy=0.9264, title="A10 by hand"),
+        report=ReportParams(preset="assignment10", budget="full", target_accuracy=0.9, writeup_accuracy=0.9264,
+                            title="A10 by hand"),
         identity=RunIdentity("lr-1e-3", "abc1234"), run=default_params,
         evaluation={"accuracy": 0.75, "loss": 0.7, "correct": 3, "test_images": 4, "data_source": "cifar10",
                     "per_class_accuracy": {"cat": 1.0, "dog": 0.5}},
