@@ -328,7 +328,7 @@ def test_quick_budget_runs_a_preset_end_to_end(tmp_path, monkeypatch):
     started = time.perf_counter()
     result = run(["dvc", "exp", "run", "-n", "a7-quick", "-S", "preset=assignment7", "-S", "budget=quick"], work)
     print(f"assignment7, budget quick: {time.perf_counter() - started:.0f} s")
-    assert ran_stages(result.stdout) == {"download", "lr_find", "train", "evaluate", "report"}
+    assert ran_stages(result.stdout) == set(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
 
     params = exp_rows(json.loads(run(["dvc", "exp", "show", "--json"], work).stdout))["a7-quick"]["params"]
     params = params["params.yaml"]["data"]
