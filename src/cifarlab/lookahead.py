@@ -22,19 +22,18 @@ BASE = 0.95
 
 class Lookahead:
     def __init__(self, model: nn.Module, total_steps: int):
-        self.model = model
         self.total_steps = total_steps
-        self.slow = {name: value.detach().clone() for name, value in self._state().items()}
-
-    def _state(self) -> dict[str, torch.Tensor]:
-        return {name: value for name, value in self.model.state_dict().items() if value.is_floating_point()}
+        # The model's floating-point state, once: state_dict's tensors share storage with the
+        # parameters and buffers (load_state_dict copies into them), so writing them writes the model.
+        self.fast = {name: value for name, value in model.state_dict().items() if value.is_floating_point()}
+        self.slow = {name: value.detach().clone() for name, value in self.fast.items()}
 
     def decay(self, step: int) -> float:
         return BASE ** EVERY * (step / self.total_steps) ** 3
 
     @torch.no_grad()
     def _sync(self, decay: float) -> None:
-        for name, fast in self._state().items():
+        for name, fast in self.fast.items():
             slow = self.slow[name]
             slow.lerp_(fast, 1 - decay)
             fast.copy_(slow)
