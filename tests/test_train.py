@@ -22,6 +22,9 @@ from conftest import merge, run, tool_env, write_params
 FAST = {"model": {"name": "a7_net", "dropout": 0.05},
         "train": {"epochs": 3, "batch_size": 64, "max_lr": 0.01, "max_at_epoch": 1},
         "runtime": {"deterministic": True}}
+# For the tests that stop a run with a signal: long enough that the signal always lands mid-training
+# on a fast machine, and the signal ends it long before its last epoch.
+LONG_RUN = 200
 
 
 def train_in(work: Path, override: dict | None = None, check: bool = True):
@@ -47,9 +50,10 @@ def state_files(work: Path) -> list[Path]:
 
 
 def wait_for_state(work: Path, process: subprocess.Popen, epoch: int = 1, timeout: float = 300) -> None:
-    """Until a state holding at least `epoch` complete epochs is saved (or the process ends)."""
+    """Until a state holding at least `epoch` complete epochs is saved; fails if the run ends first."""
     deadline = time.time() + timeout
-    while process.poll() is None and time.time() < deadline:
+    while time.time() < deadline:
+        assert process.poll() is None, "the run ended before a signal could reach it mid-training"
         files = state_files(work)
         if files:
             try:
@@ -58,6 +62,7 @@ def wait_for_state(work: Path, process: subprocess.Popen, epoch: int = 1, timeou
             except Exception:      # being replaced right now
                 pass
         time.sleep(0.05)
+    raise AssertionError(f"no state with {epoch} complete epoch(s) within {timeout} s")
 
 
 def assert_same_weights(a: dict, b: dict) -> None:
@@ -195,7 +200,7 @@ def test_unreadable_state_starts_fresh(stage_dir, monkeypatch):
 
 
 def test_ctrl_c_saves_the_last_complete_epoch(stage_dir):
-    write_params(stage_dir, merge(_params(stage_dir), merge(FAST, {"train": {"epochs": 6}})))
+    write_params(stage_dir, merge(_params(stage_dir), merge(FAST, {"train": {"epochs": LONG_RUN}})))
     process = subprocess.Popen([sys.executable, "stages/train.py"], cwd=stage_dir, env=tool_env(),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_state(stage_dir, process)
@@ -211,7 +216,7 @@ def test_ctrl_c_saves_the_last_complete_epoch(stage_dir):
 
 
 def test_sigterm_stops_like_ctrl_c(stage_dir):
-    write_params(stage_dir, merge(_params(stage_dir), merge(FAST, {"train": {"epochs": 6}})))
+    write_params(stage_dir, merge(_params(stage_dir), merge(FAST, {"train": {"epochs": LONG_RUN}})))
     process = subprocess.Popen([sys.executable, "stages/train.py"], cwd=stage_dir, env=tool_env(),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_state(stage_dir, process)
