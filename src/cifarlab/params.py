@@ -232,7 +232,6 @@ class EvaluateParams:
 @dataclass(frozen=True)
 class ReportParams:
     preset: str = key(text)
-    budget: str = key(text)
     target_accuracy: float = key(probability)
     title: str = key(text)
 
@@ -249,6 +248,11 @@ class RuntimeParams:
 
 
 @dataclass(frozen=True)
+class BudgetParams:
+    name: str = key(text)   # recorded, not read: the budget's effects are the keys its file sets
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams
     model: ModelParams
@@ -259,6 +263,7 @@ class Params:
     evaluate: EvaluateParams
     report: ReportParams
     runtime: RuntimeParams
+    budget: BudgetParams
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
