@@ -184,9 +184,9 @@ def test_budget_files():
 
 @pytest.mark.parametrize("budget", BUDGETS)
 def test_each_budget_records_its_own_name(budget):
-    # `dvc exp show` tells a quick run from a full one by report.budget, and the file name is the
+    # `dvc exp show` tells a quick run from a full one by budget.name, and the file name is the
     # one place a budget is named: the value a composition records must be that name.
-    assert compose([f"budget={budget}"])["report"]["budget"] == budget
+    assert compose([f"budget={budget}"])["budget"] == {"name": budget}
 
 
 def test_full_budget_is_the_assignment_as_written():
@@ -216,7 +216,7 @@ def test_quick_budget_sets_only_what_costs_time():
     assert set(QUICK) == {"data.train_subset", "data.test_subset",
                           "lr_find.start_lr", "lr_find.end_lr", "lr_find.num_iter", "lr_find.smooth_f",
                           "lr_find.stop_rebound", "train.epochs", "train.max_at_epoch", "train.batch_size",
-                          "evaluate.gradcam_size", "report.budget"}
+                          "evaluate.gradcam_size", "budget.name"}
 
 
 @pytest.mark.parametrize("preset", sorted(SEEDS))
@@ -240,7 +240,7 @@ def test_quick_budget_with_each_preset(preset):
         assert 0 < params.data.train_subset <= params.data.synthetic_train_size
         assert 0 < params.data.test_subset <= params.data.synthetic_test_size
         assert params.train.batch_size * 10 <= params.data.train_subset    # at least 10 steps per epoch
-        assert params.report.budget == "quick"
+        assert params.budget.name == "quick"
 
 
 def test_quick_range_test_can_read_a_minimum_from_its_16th_point():
@@ -332,7 +332,7 @@ def test_quick_budget_runs_a_preset_end_to_end(tmp_path, monkeypatch):
 
     params = exp_rows(json.loads(run(["dvc", "exp", "show", "--json"], work).stdout))["a7-quick"]["params"]
     params = params["params.yaml"]["data"]
-    assert (params["report"]["preset"], params["report"]["budget"]) == ("assignment7", "quick")
+    assert (params["report"]["preset"], params["budget"]["name"]) == ("assignment7", "quick")
     assert params["model"]["name"] == SEEDS["assignment7"]["model"]
     for key, value in QUICK.items():
         section, name = key.split(".")

@@ -269,7 +269,7 @@ def summary(tmp_path, default_params):
     history = {"train/loss": [1.2, 0.8], "train/accuracy": [0.5, 0.7], "test/loss": [1.0, 0.7],
                "test/accuracy": [0.5, 0.75], "lr": [1e-3, 1e-4]}
     return RunSummary(
-        report=ReportParams(preset="assignment10", budget="full", target_accuracy=0.9, writeup_accuracy=0.9264,
+        report=ReportParams(preset="assignment10", target_accuracy=0.9, writeup_accuracy=0.9264,
                             title="A10 by hand"),
         identity=RunIdentity("lr-1e-3", "abc1234"), run=default_params,
         evaluation={"accuracy": 0.75, "loss": 0.7, "correct": 3, "test_images": 4, "data_source": "cifar10",
@@ -326,6 +326,14 @@ def test_header_links_every_section_once_in_order(summary):
 ])
 def test_header_says_which_run(summary, identity, line):
     assert header(dataclasses.replace(summary, identity=identity)).split("\n\n")[1] == line
+
+
+def test_a_cut_down_budget_is_named_up_front_and_in_the_run_table(summary, tmp_path):
+    assert "Preset **assignment10**: " in header(summary)                 # the full budget: nothing to say
+    quick = dataclasses.replace(summary, run={**summary.run, "budget": {"name": "quick"}})
+    assert "Preset **assignment10** at budget **quick** (a cut-down run: `conf/budget/quick.yaml`): " in header(quick)
+    text, _ = render_alone(run_table, quick, tmp_path)
+    assert table_dict(tables(text)[0])["budget"] == ["quick (`conf/budget/quick.yaml`)"]
 
 
 def writeup_row(summary, tmp_path) -> str:

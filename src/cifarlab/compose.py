@@ -21,10 +21,11 @@ from cifarlab.atomic import atomic_path
 PARAMS_HEADER = """\
 # GENERATED from conf/. Every key, with its units and meaning, is in conf/config.yaml; each
 # assignment's recipe is a preset in conf/preset/. This file is the composition of
-# conf/config.yaml with the default preset (assignment10), and it is what `dvc repro` runs.
-# `dvc exp run` rewrites it from conf/ (this header too), e.g. `dvc exp run -S preset=assignment7`
-# or `dvc exp run -S train.max_lr=0.003`, so an edit made here lasts only until then: make
-# lasting changes in conf/, then regenerate this file with `python -m cifarlab.compose`.
+# conf/config.yaml with the default preset (assignment10) and budget (full, conf/budget/), and it
+# is what `dvc repro` runs. `dvc exp run` rewrites it from conf/ (this header too), e.g.
+# `dvc exp run -S preset=assignment7 -S budget=quick` or `dvc exp run -S train.max_lr=0.003`, so an
+# edit made here lasts only until then: make lasting changes in conf/, then regenerate this file
+# with `python -m cifarlab.compose`.
 """
 
 

@@ -283,7 +283,6 @@ class EvaluateParams:
 @dataclass(frozen=True)
 class ReportParams:
     preset: str = key(text)
-    budget: str = key(text)
     target_accuracy: float = key(probability)
     writeup_accuracy: Optional[float] = key(null_or(probability, "a number from 0 to 1"))
     title: str = key(text)
@@ -301,6 +300,11 @@ class RuntimeParams:
 
 
 @dataclass(frozen=True)
+class BudgetParams:
+    name: str = key(text)   # recorded, not read: the budget's effects are the keys its file sets
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams
     model: ModelParams
@@ -311,6 +315,7 @@ class Params:
     evaluate: EvaluateParams
     report: ReportParams
     runtime: RuntimeParams
+    budget: BudgetParams
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
