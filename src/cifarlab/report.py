@@ -360,7 +360,7 @@ def build_report(params: ReportParams, out_dir: Path = paths.REPORT_DIR) -> Path
             f"Grad-CAM at layer `{evaluate_run.get('gradcam_layer')}` (the model registry's choice for "
             f"`{checkpoint['arch']}`) for the {cams} most confident mistakes (`evaluate.gradcam_size`): for each image, "
             f"where the evidence for the predicted class lies, and where the model looked for the true class. "
-            f"Computed in fp32 on the CPU.",
+            f"Computed in {evaluate_run.get('gradcam_precision')} on {evaluate_run.get('gradcam_device')}.",
             _image("Grad-CAM heat maps of misclassified test images", paths.GRADCAM_FIGURE.name),
             "## Model",
             f"`{checkpoint['arch']}`: {parameter_count:,} parameters; reproduces {spec.source}. Checkpoint "
