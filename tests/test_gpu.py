@@ -116,7 +116,13 @@ def check_run(watcher: Watcher, speed: dict, record: dict, device: str, precisio
     for what in (speed, record):
         assert (what["device"], what["precision"], what["channels_last"]) == (device, precision, channels_last)
     assert (record["gradcam_device"], record["gradcam_precision"]) == (device, "fp32")
-    assert len(speed["epoch_phases"]) == 2 and all(p["seconds"] > 0 for p in speed["epoch_phases"])
+    assert [p["epoch"] for p in speed["epoch_phases"]] == [1, 2]
+    for p in speed["epoch_phases"]:   # where each epoch's time went adds up
+        assert min(p[name] for name in ("steps", "data_wait", "first_batch", "test_pass", "state_save")) >= 0, p
+        assert p["data_wait"] >= p["first_batch"] and p["overhead"] >= p["data_wait"] + p["state_save"] - 1e-9, p
+        assert p["seconds"] == pytest.approx(p["steps"] + p["test_pass"] + p["overhead"]), p
+        assert p["overhead"] == pytest.approx(p["data_wait"] + p["state_save"] + p["other"]), p
+    assert len(speed["state_write_seconds"]) == 2 and speed["epoch_phase_means"]["overhead_seconds_mean"] > 0
 
 
 @pytest.mark.gpu
