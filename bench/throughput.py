@@ -8,9 +8,13 @@ One run on one machine measures, for the model and batch size in params.yaml (cu
              (Normalize, pad + random crop, flip, cutout, ToTensorV2) per image, DataLoader with
              num_workers=0, fp32, NCHW, Adam, OneCycleLR stepped per batch, `loss.item()` and a
              tqdm description every batch; the same network class
+  step alone the pipeline path's step with its batches already on the device (no loader)
   loader     the pipeline's training loader alone (no model)
   eval       `loops.evaluate` over the test split
   compile    (--compile) the pipeline path with the model wrapped in torch.compile
+  epoch loop (--loop-epochs N, default 3) `trainer.fit` itself for N epochs in a scratch directory:
+             where each epoch's time goes (steps, loader start, test pass, state save, logging) and
+             the fixed per-epoch overhead (everything but the steps and the test pass)
 
 Every path is warmed up for --warmup batches, then timed over --batches batches. Results go to
 stdout as `key: value` lines (documented in bench/README.md); progress bars and notes go to
@@ -19,6 +23,7 @@ stderr; --json writes the same numbers. Nothing is written to the repository.
     python bench/throughput.py --batches 6
     python bench/throughput.py --data data --batches 20 --json /tmp/bench.json
     python bench/throughput.py --set runtime.precision=fp32 --set runtime.channels_last=false
+    python bench/throughput.py --skip-reference --batches 2 --warmup 1 --loop-epochs 3
 """
 
 from __future__ import annotations
@@ -279,6 +284,8 @@ def loop_results(speed: dict, train_images: int) -> dict:
            "loop_step_images_per_s": train_images / mean("steps")}
     for name in ("steps", "data_wait", "first_batch", "test_pass", "state_save", "other", "overhead"):
         out[f"loop_{name}_seconds"] = mean(name)
+    writes = speed.get("state_write_seconds") or [float("nan")]
+    out["loop_state_write_seconds"] = sum(writes) / len(writes)   # in the background, during the next epoch
     return out
 
 

@@ -130,11 +130,12 @@ def test_gallery_sizes_follow_params(tiny, plain):
     assert read_json(tiny / "metrics/evaluate_run.json")["gradcam_images"] == EVALUATE["gradcam_size"]
 
 
-def test_gradcam_uses_the_registry_layer_in_fp32_on_cpu(tiny):
+def test_gradcam_uses_the_registry_layer_in_fp32_on_the_runtime_device(tiny):
     record = read_json(tiny / "metrics/evaluate_run.json")
     arch = read_json(tiny / "metrics/evaluate.json")["arch"]
     assert record["gradcam_layer"] == model_spec(arch).cam_layer
-    assert (record["gradcam_device"], record["gradcam_precision"]) == ("cpu", "fp32")
+    assert (record["gradcam_device"], record["gradcam_precision"]) == (record["device"], "fp32")
+    assert record["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     assert {"plain", "tta_hflip", "tta_translate", "gradcam", "total"} <= record["seconds"].keys()
 
 
@@ -188,6 +189,22 @@ def test_grad_cam_works_for_every_registered_model(name):
     assert model.training                                            # the caller's model is untouched
     assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
     assert grad_cam(model, images[:0], []).shape == (0, 32, 32)
+
+
+def test_grad_cam_is_fp32_on_the_models_device_under_any_autocast():
+    """pytorch-grad-cam cannot take bf16 activations (numpy has no bfloat16): grad_cam switches autocast
+    off, so a caller inside bf16 autocast (as evaluate runs) gets the fp32 maps, on the model's device."""
+    torch.manual_seed(0)
+    model = Classifier("a7_net").to(memory_format=torch.channels_last)
+    images = np.random.default_rng(1).integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
+    seen = []
+    model.cam_layer().register_forward_hook(
+        lambda module, args, output: seen.append((output.device, output.dtype)))   # copied with the model
+    plain = grad_cam(model, images, [1, 2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = grad_cam(model, images, [1, 2])
+    assert np.array_equal(plain, under_autocast)
+    assert seen and set(seen) == {(torch.device("cpu"), torch.float32)}
 
 
 def test_declared_metrics_and_per_class_plot_repeat_the_full_record(tiny, plain):

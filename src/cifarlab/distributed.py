@@ -173,6 +173,11 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
+def distributed_run() -> bool:
+    """True in a process of a distributed run (the process group is up)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def any_process(flag: torch.Tensor) -> bool:
     """True if `flag` is set on any process (a collective: every process must call it)."""
     if dist.is_available() and dist.is_initialized():

@@ -6,7 +6,9 @@ and their 1-pixel shifts, six views), each reported under its own key beside the
 never instead of them. Writes the test figures (metrics/evaluate.json, the
 `dvc exp show` summary metrics/test.json), the per-class and confusion plots, the gallery of the
 most confident mistakes and their Grad-CAM maps, and the run details (metrics/evaluate_run.json).
-Grad-CAM runs on an fp32 CPU copy of the model.
+Every pass runs on the runtime's device: the measurements in its precision (autocast), over the test
+split copied to the device once; Grad-CAM on an fp32 copy of the model on the same device
+(`cifarlab.gradcam` says why not in reduced precision).
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import time
 from cifarlab import paths
 from cifarlab.atomic import atomic_path, save_figure, write_json
 from cifarlab.checkpoint import load_checkpoint
-from cifarlab.gradcam import cam_layer_name, grad_cam
-from cifarlab.loaders import iterate_batches
+from cifarlab.gradcam import cam_layer_name, grad_cam, PRECISION as GRADCAM_PRECISION
+from cifarlab.loaders import ResidentBatches
 from cifarlab.loops import evaluate
 from cifarlab.metrics import TTA_VARIANTS, confusion_matrix, most_confident_mistakes, per_class_accuracy
 from cifarlab.models.classifier import prepare_model
@@ -37,10 +39,11 @@ def evaluate_checkpoint(params: Params) -> dict:
     dataset = load_subset(paths.DATA_DIR, test=params.data.test_subset)
     classes = dataset.classes
     model, checkpoint = load_checkpoint(paths.CHECKPOINT)
-    model = prepare_model(model, runtime)   # Grad-CAM makes its own fp32 CPU copy
+    model = prepare_model(model, runtime)   # Grad-CAM makes its own fp32 copy on the same device
+    test_batches = ResidentBatches(dataset.test, settings.batch_size, runtime.device)   # one copy for every pass
 
     timer = time.perf_counter()
-    result = evaluate(model, iterate_batches(dataset.test, settings.batch_size), runtime)
+    result = evaluate(model, test_batches, runtime)
     seconds = {"plain": time.perf_counter() - timer}
     target, predicted = result["target"].numpy(), result["predicted"].numpy()
     confidence = result["confidence"].numpy()
@@ -51,7 +54,7 @@ def evaluate_checkpoint(params: Params) -> dict:
         if not getattr(settings, name):
             continue
         timer = time.perf_counter()
-        tta = evaluate(wrapper(model), iterate_batches(dataset.test, settings.batch_size), runtime)
+        tta = evaluate(wrapper(model), test_batches, runtime)
         seconds[name] = time.perf_counter() - timer
         metrics[name] = {"accuracy": tta["accuracy"], "loss": tta["loss"],
                          "correct": int((tta["predicted"] == tta["target"]).sum())}
@@ -93,7 +96,8 @@ def evaluate_checkpoint(params: Params) -> dict:
     seconds["gradcam"] = time.perf_counter() - timer
     save_figure(gradcam_figure(images, cams_predicted, cams_true, [captions[i] for i in shown],
                                [classes[c] for c in predicted[shown]], [classes[c] for c in target[shown]],
-                               f'Grad-CAM at layer "{layer}" on the {len(shown)} most confident mistakes (fp32, CPU)'
+                               f'Grad-CAM at layer "{layer}" on the {len(shown)} most confident mistakes '
+                               f'({GRADCAM_PRECISION}, {runtime.device.type.upper()})'
                                if len(shown) else f'Grad-CAM at layer "{layer}"',
                                empty_message=empty.format("gradcam_size")),
                 paths.GRADCAM_FIGURE, dpi=120)
@@ -101,7 +105,8 @@ def evaluate_checkpoint(params: Params) -> dict:
     seconds["total"] = time.perf_counter() - started
     write_json(paths.EVAL_RUN, {
         "seconds": seconds, "images_per_second": result["count"] / seconds["plain"],
-        **runtime.describe(), "gradcam_layer": layer, "gradcam_device": "cpu", "gradcam_precision": "fp32",
+        **runtime.describe(), "gradcam_layer": layer,
+        "gradcam_device": str(runtime.device), "gradcam_precision": GRADCAM_PRECISION,   # whatever runtime.precision is
         "gallery_images": int(len(gallery)), "gradcam_images": int(len(shown)),
         "params": {"evaluate": params.to_dict()["evaluate"]}})
     tta_line = "".join(f"; with {name} {metrics[name]['accuracy']:.4f}, loss {metrics[name]['loss']:.4f}"

@@ -1,9 +1,14 @@
 """Splits as batches: the augmented, shuffled training loader whose batches and augmentations are
-a function of (seed, epoch) only, and the plain in-order batches every evaluation reads."""
+a function of (seed, epoch) only, and the plain in-order batches every evaluation reads.
+
+The training loader's DataLoader workers live as long as the loader (persistent workers): each
+epoch reuses them instead of starting new ones. A worker holds its own copy of the dataset, made
+when it started, so the epoch reaches it inside the indices themselves: the sampler sends
+(epoch, index) pairs, and an image's augmentation is reseeded from (seed, epoch, index) alone."""
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -34,10 +39,13 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key: Union[int, tuple[int, int]]):
+        """Image `key` augmented for `self.epoch`, or for `epoch` when `key` is an (epoch, index) pair
+        (what the training loader's sampler sends its workers)."""
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         image = self.split.images[index]
         if self.transform is not None:
-            self.transform.set_random_seed((self.seed * 1_000_003 + self.epoch) * 100_003 + index)
+            self.transform.set_random_seed((self.seed * 1_000_003 + epoch) * 100_003 + index)
             image = self.transform(image=image)["image"]
         return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), int(self.split.labels[index])
 
@@ -61,7 +69,11 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
         return full + (1 if rest >= self.world_size else 0)
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+        return self.batches(self.epoch)
+
+    def batches(self, epoch: int) -> Iterator[list[int]]:
+        """This process's share of every global batch of `epoch`, in order."""
+        generator = torch.Generator().manual_seed(self.seed * 7919 + epoch)
         order = torch.randperm(self.size, generator=generator).tolist()
         for step in range(len(self)):
             batch = order[step * self.batch_size:(step + 1) * self.batch_size]
@@ -69,8 +81,31 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
             yield batch[self.rank * share:(self.rank + 1) * share]
 
 
+class EpochTaggedBatches(torch.utils.data.Sampler):
+    """The batch sampler's batches for its current epoch, each index paired with that epoch, so a
+    persistent worker (whose dataset copy never sees `epoch` change) augments for the right epoch."""
+
+    def __init__(self, sampler: GlobalBatchSampler):
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch = self.sampler.epoch      # read now, not when the first batch is drawn
+        return ([(epoch, index) for index in batch] for batch in self.sampler.batches(epoch))
+
+
 class EpochLoader:
-    """A shuffling training loader whose batches and augmentations are a function of (seed, epoch)."""
+    """A shuffling training loader whose batches and augmentations are a function of (seed, epoch).
+
+    One DataLoader serves every epoch, with persistent workers: `epoch(n)` points it at epoch n and
+    returns it; iterating it gives that epoch's batches, from workers started only once. Its private
+    generator keeps it from drawing on the global torch RNG (a fresh DataLoader iterator draws a
+    base seed, a persistent one only the first time), so the training RNG stream (dropout) does not
+    depend on how many iterators were started: a resumed run draws exactly what an uninterrupted one
+    does.
+    """
 
     def __init__(self, dataset: ImageDataset, batch_size: int, seed: int, num_workers: int, pin_memory: bool,
                  rank: int = 0, world_size: int = 1):
@@ -79,18 +114,45 @@ class EpochLoader:
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         dataset.seed = seed
+        self.loader: Optional[torch.utils.data.DataLoader] = torch.utils.data.DataLoader(
+            dataset, batch_sampler=EpochTaggedBatches(self.sampler), num_workers=num_workers,
+            pin_memory=pin_memory, prefetch_factor=4 if num_workers else None,
+            persistent_workers=num_workers > 0, worker_init_fn=worker_init,   # workers die with this process
+            generator=torch.Generator().manual_seed(seed))
 
     def __len__(self) -> int:
         return len(self.sampler)
 
     def epoch(self, epoch: int) -> torch.utils.data.DataLoader:
-        """The DataLoader for `epoch`: iterate it once for that epoch's batches."""
-        self.dataset.epoch = epoch
+        """The DataLoader, set to `epoch`: iterate it once for that epoch's batches. Starting the
+        iteration hands the workers that epoch's first batches at once (`prefetch_factor` each)."""
+        if self.loader is None:
+            raise CifarlabError("this training loader is closed")
+        self.dataset.epoch = epoch      # for a loader without workers; workers read the epoch from the indices
         self.sampler.epoch = epoch
-        return torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=self.sampler, num_workers=self.num_workers,
-            pin_memory=self.pin_memory, prefetch_factor=4 if self.num_workers else None,
-            persistent_workers=False, worker_init_fn=worker_init)   # workers die with this process
+        return self.loader
+
+    def close(self) -> None:
+        """Stop the workers now (they also stop with this process)."""
+        self.loader = None
+
+
+class ResidentBatches:
+    """A split in order, unaugmented, held on `device` once: every pass serves the same tensors, so a
+    per-epoch test pass copies nothing. Images are uint8 [B, 3, 32, 32] views of NHWC memory, which is
+    the channels_last layout; labels int64 [B]. On the CPU they share the split's memory."""
+
+    def __init__(self, split: Split, batch_size: int, device: torch.device):
+        self.images = torch.from_numpy(split.images).to(device).permute(0, 3, 1, 2)
+        self.labels = torch.from_numpy(split.labels).to(device)
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(self.labels), self.batch_size):
+            yield self.images[start:start + self.batch_size], self.labels[start:start + self.batch_size]
 
 
 def iterate_batches(split: Split, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -102,13 +164,14 @@ def iterate_batches(split: Split, batch_size: int) -> Iterator[tuple[torch.Tenso
 
 
 def train_loader(split: Split, augment: AugmentParams, batch_size: int, seed: int, runtime: Runtime,
-                 rank: int = 0, world_size: int = 1) -> "EpochLoader | DeviceBatchLoader":
-    """The augmented (`augment` params), shuffled training loader for the device, on the path
-    `augment.path` chooses; in a distributed run, this process's share of every global batch."""
+                 rank: int = 0, world_size: int = 1, path: Optional[str] = None) -> "EpochLoader | DeviceBatchLoader":
+    """The augmented (`augment` params), shuffled training loader for the device, on `path` ("batch" or
+    "per_image"; by default the one `augment_path` chooses); in a distributed run, this process's
+    share of every global batch."""
     if batch_size > len(split):
         raise CifarlabError(f"train.batch_size is {batch_size}; allowed: at most the training split size "
                             f"({len(split)})")
-    if augment_path(augment, runtime)[0] == "batch":
+    if (path or augment_path(augment, runtime)[0]) == "batch":
         return DeviceBatchLoader(split, BatchAugment.from_params(augment), batch_size, seed, runtime.device,
                                  rank, world_size)
     return EpochLoader(ImageDataset(split, build_train_transform(augment)), batch_size, seed, runtime.num_workers,

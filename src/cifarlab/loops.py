@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import Callable, Iterable, Optional
 
 import numpy as np
@@ -11,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from cifarlab.distributed import all_reduce_sum, any_process
+from cifarlab.distributed import all_reduce_sum, any_process, distributed_run
 from cifarlab.errors import CifarlabError
-from cifarlab.runtime import Runtime, to_device
+from cifarlab.runtime import device_batches, Runtime
 
 
 class TrainingDiverged(CifarlabError):
@@ -72,12 +73,16 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
                     lrs: Optional[list[float]] = None, after_step: Optional[Callable[[int], None]] = None) -> dict:
     """One pass over `batches`, stepping the scheduler after every batch.
 
-    Loss and correct counts accumulate on the device: there is no host sync per batch except
-    every few batches, where the progress bar reads the running loss and the divergence guard is
-    checked. `lrs` is the run's per-batch LR log so far; this epoch's LRs are appended to it.
-    `after_step(n)` runs after the n-th optimizer step of the run (e.g. lookahead).
-    The result also says how long the pass waited for its batches (`data_wait_seconds`, of which
-    `first_batch_seconds` for the first: the loader's start).
+    Loss and correct counts accumulate on the device. Every 10 batches the progress bar shows the
+    running loss and the divergence guard is checked; on CUDA both read values copied to the host
+    without waiting (`DeviceReadout`: the newest the device has finished), so the host never stalls
+    the device within an epoch, and a divergence is reported at most a few checks later, naming the
+    step where it happened. A distributed run checks the guard with a collective every 10 batches.
+    Batches reach the device through `device_batches` (on CUDA, copied while the previous step
+    runs). `lrs` is the run's per-batch LR log so far; this epoch's LRs are appended to it.
+    `after_step(n)` runs after the n-th optimizer step of the run (e.g. lookahead). The result also
+    says how long the pass waited for its batches (`data_wait_seconds`, of which `first_batch_seconds`
+    for the first: the loader's start).
     """
     model.train()
     loss_sum = torch.zeros((), device=runtime.device)
@@ -86,21 +91,10 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
     lrs = [] if lrs is None else lrs
     first_step = scheduler.last_epoch
     steps_per_epoch = len(batches) if hasattr(batches, "__len__") else 0
-    iterator = iter(batches)
-    data_wait = first_batch_wait = 0.0
-    batch_index = -1
-    while True:
-        waited = time.perf_counter()
-        try:
-            images, labels = next(iterator)
-        except StopIteration:
-            break
-        waited = time.perf_counter() - waited
-        data_wait += waited
-        batch_index += 1
-        if batch_index == 0:
-            first_batch_wait = waited
-        images, labels = to_device(images, labels, runtime)
+    waits = WaitClock(batches)
+    readout = DeviceReadout(runtime.device)
+    collective = guard is not None and distributed_run()
+    for batch_index, (images, labels) in enumerate(device_batches(waits, runtime)):
         step = first_step + batch_index
         lrs.append(optimizer.param_groups[0]["lr"])
         with runtime.autocast():
@@ -128,15 +122,75 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
         if progress is not None:
             progress.update(1)
         if batch_index % 10 == 9:
-            if guard is not None:
-                guard.check(lrs, steps_per_epoch)
-            if progress is not None:
-                progress.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", lr=f"{lrs[-1]:.2e}")
+            if collective:
+                guard.check(lrs, steps_per_epoch)      # every process must take part, at the same step
+            readout.post((loss_sum, guard.tripped if guard is not None else correct), seen)
+            latest = readout.latest()
+            if latest is not None:
+                (running_loss, tripped), seen_then = latest
+                if guard is not None and not collective and bool(tripped):
+                    guard.check(lrs, steps_per_epoch)  # raises, with the step it tripped at
+                if progress is not None:
+                    progress.set_postfix(loss=f"{float(running_loss) / seen_then:.4f}", lr=f"{lrs[-1]:.2e}")
     if guard is not None:
         guard.check(lrs, steps_per_epoch)
     loss_total, correct_total, seen_total = all_reduce_sum([loss_sum.item(), correct.item(), seen], runtime.device)
     return {"loss": loss_total / seen_total, "accuracy": correct_total / seen_total, "images": int(seen_total),
-            "last_lr": lrs[-1], "data_wait_seconds": data_wait, "first_batch_seconds": first_batch_wait}
+            "last_lr": lrs[-1], "data_wait_seconds": waits.seconds, "first_batch_seconds": waits.first}
+
+
+class WaitClock:
+    """Iterates `batches`, adding up the seconds spent waiting for each (`seconds`; `first`: the first)."""
+
+    def __init__(self, batches: Iterable):
+        self.batches = batches
+        self.seconds = self.first = 0.0
+
+    def __iter__(self):
+        iterator = iter(self.batches)
+        count = 0
+        while True:
+            started = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            waited = time.perf_counter() - started
+            self.seconds += waited
+            if count == 0:
+                self.first = waited
+            count += 1
+            yield batch
+
+
+class DeviceReadout:
+    """Small device tensors read on the host without stalling the device.
+
+    `post(tensors, note)` queues copies of `tensors` behind the work already queued (on CUDA, into
+    pinned host memory, non-blocking, with an event); `latest()` returns (host copies, note) of the
+    newest post the device has finished, or None before any. On a CPU the copy is made at once, so
+    `latest()` is always the post just made.
+    """
+
+    def __init__(self, device: torch.device):
+        self.asynchronous = device.type == "cuda"
+        self._pending: deque = deque()
+        self._latest = None
+
+    def post(self, tensors: tuple[torch.Tensor, ...], note=None) -> None:
+        if not self.asynchronous:
+            self._latest = (tuple(t.detach().clone() for t in tensors), note)
+            return
+        copies = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t.detach(), non_blocking=True)
+                       for t in tensors)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending.append((event, (copies, note)))
+
+    def latest(self):
+        while self._pending and self._pending[0][0].query():
+            self._latest = self._pending.popleft()[1]
+        return self._latest
 
 
 @torch.inference_mode()
@@ -145,8 +199,7 @@ def evaluate(model: nn.Module, batches: Iterable, runtime: Runtime) -> dict:
     model.eval()
     loss_sum = torch.zeros((), device=runtime.device, dtype=torch.float64)
     predictions, confidences, targets = [], [], []
-    for images, labels in batches:
-        images, labels = to_device(images, labels, runtime)
+    for images, labels in device_batches(batches, runtime):
         with runtime.autocast():
             logits = model(images)
         logits = logits.float()

@@ -576,7 +576,7 @@ def grad_cam(s: RunSummary, figures: Path) -> str:
         f"Grad-CAM at layer `{s.evaluate_run.get('gradcam_layer')}` (the model registry's choice for `{s.arch}`) "
         f"for the {s.evaluate_run.get('gradcam_images', 0)} most confident mistakes (`evaluate.gradcam_size`): for "
         f"each image, where the evidence for the predicted class lies, and where the model looked for the true "
-        f"class. Computed in fp32 on the CPU.",
+        f"class. Computed in {s.evaluate_run.get('gradcam_precision')} on {s.evaluate_run.get('gradcam_device')}.",
         _image("Grad-CAM heat maps of misclassified test images", _copied(s, paths.GRADCAM_FIGURE.name, figures))])
 
 

@@ -1,5 +1,6 @@
 """Where and how the numbers are computed: device, precision and memory format, worker count,
-seeding and the RNG state a resumed run restores, and the host-to-device copy."""
+seeding and the RNG state a resumed run restores, and the host-to-device copy (overlapped with
+compute on CUDA)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import contextlib
 import os
 import random
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -110,3 +111,30 @@ def to_device(images: torch.Tensor, labels: torch.Tensor, runtime: Runtime) -> t
     if runtime.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images, labels.to(runtime.device, non_blocking=non_blocking)
+
+
+def device_batches(batches: Iterable, runtime: Runtime) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """`batches` on the runtime's device, in its memory format.
+
+    On CUDA each batch is copied on a side stream when the loop asks for it, that is once the previous
+    step is queued and typically while the device still runs it: from the loader's pinned memory the
+    copy (and the channels_last conversion) overlaps compute, and the compute stream waits for the
+    copy on the device, not the host. Batches already on the device are only put in the memory
+    format. Elsewhere each batch is simply moved (`to_device`).
+    """
+    if runtime.device.type != "cuda":
+        for images, labels in batches:
+            yield to_device(images, labels, runtime)
+        return
+    copy_stream = torch.cuda.Stream(runtime.device)
+    compute = torch.cuda.current_stream(runtime.device)
+    for images, labels in batches:
+        if images.device.type == "cuda":      # already there (a split held on the device)
+            yield to_device(images, labels, runtime)
+            continue
+        with torch.cuda.stream(copy_stream):
+            images, labels = to_device(images, labels, runtime)
+        compute.wait_stream(copy_stream)      # a device-side wait: the host goes on queueing work
+        images.record_stream(compute)         # used on the compute stream: not reused before it is done
+        labels.record_stream(compute)
+        yield images, labels

@@ -4,7 +4,8 @@ The test split is measured after every epoch for the curves only; nothing is sel
 on it, and the saved model is the last epoch's.
 
 After every epoch the full training state (model, optimizer, scheduler, scaler, every process's RNG
-states and guard, logged history) is saved to `.cache/train/<fingerprint>.pt`: outside DVC's outs
+states and guard, logged history) is saved to `.cache/train/<fingerprint>.pt` (copied at once, written
+by a background thread while the next epoch trains: `checkpoint.StateWriter`): outside DVC's outs
 (dvcignored and git-ignored), keyed by the run fingerprint (the params train reads, the resolved max
 LR and runtime, and every file dvc.yaml lists as a train dep: data and code), and deleted when the
 run completes. So a rerun after an interruption resumes from the last complete epoch, a rerun after
@@ -29,12 +30,12 @@ from tqdm import tqdm
 from cifarlab import paths
 from cifarlab.atomic import atomic_path, write_json
 from cifarlab.augment import write_preview
-from cifarlab.checkpoint import save_checkpoint
+from cifarlab.checkpoint import StateWriter, save_checkpoint
 from cifarlab.distributed import (Distributed, check_batch_size, gather_objects, init_distributed, launch, launched,
                                   shutdown)
 from cifarlab.errors import CifarlabError
 from cifarlab.lifetime import signal_name, stop_signal
-from cifarlab.loaders import augment_path, iterate_batches, train_loader
+from cifarlab.loaders import ResidentBatches, augment_path, train_loader
 from cifarlab.lookahead import Lookahead
 from cifarlab.loops import DivergenceGuard, TrainingDiverged, evaluate, train_one_epoch
 from cifarlab.max_lr import read as read_max_lr
@@ -180,8 +181,9 @@ def fit(params: Params, dataset: Dataset, runtime: Runtime, world: Distributed =
     max_lr = float(chosen["max_lr"])
     check_batch_size(train.batch_size, world)
     seed_everything(train.seed + world.rank, params.runtime.deterministic)
+    augmentation, augmentation_reason = augment_path(params.augment, runtime)
     loader = train_loader(dataset.train, params.augment, train.batch_size, train.seed,
-                          runtime, world.rank, world.world_size)
+                          runtime, world.rank, world.world_size, path=augmentation)
     net = build_model(params.model, runtime, len(dataset.classes), dataset.train.images)
     model = net
     if world.enabled:
@@ -200,6 +202,7 @@ def fit(params: Params, dataset: Dataset, runtime: Runtime, world: Distributed =
     epoch_seconds: list[float] = []
     images_per_second: list[float] = []
     phases: list[dict] = []      # where each epoch's wall time went (train_speed.json's epoch_phases)
+    writer = StateWriter()       # the per-epoch state, written while the next epoch trains
 
     fingerprint = run_fingerprint(params, runtime, max_lr, world_size=world.world_size)
     state_file = state_path(fingerprint)
@@ -220,7 +223,6 @@ def fit(params: Params, dataset: Dataset, runtime: Runtime, world: Distributed =
         phases = state["phases"]
         first_epoch = state["epoch"] + 1
 
-    augmentation, augmentation_reason = augment_path(params.augment, runtime)
     if world.is_main:
         print(f"train: {params.model.name} on {len(dataset.train)} {dataset.source} images, "
               f"{train.epochs} epochs x {len(loader)} steps, max_lr {max_lr:.3g} "
@@ -235,12 +237,18 @@ def fit(params: Params, dataset: Dataset, runtime: Runtime, world: Distributed =
         for epoch in range(1, first_epoch if world.is_main else 1):   # a resumed run re-logs its epochs (rank 0 logs)
             _log(live, epoch, {name: values[epoch - 1] for name, values in history.items()})
         epoch = first_epoch
+        # The test split, held on the device once: each epoch's test pass copies nothing.
+        test_batches = (ResidentBatches(dataset.test, params.evaluate.batch_size, runtime.device)
+                        if world.is_main else None)
+        batches = None
         try:
             for epoch in range(first_epoch, train.epochs + 1):
                 started = time.perf_counter()
+                if batches is None:
+                    batches = iter(loader.epoch(epoch))   # the first epoch of this process: starts the workers
                 with tqdm(total=len(loader), desc=f"epoch {epoch}/{train.epochs}", leave=False,
                           disable=not world.is_main) as bar:
-                    result = train_one_epoch(trained, loader.epoch(epoch), optimizer, scheduler, runtime,
+                    result = train_one_epoch(trained, batches, optimizer, scheduler, runtime,
                                              params.optim.label_smoothing, scaler, bar, guard, lrs,
                                              after_step=lookahead.after_step if lookahead is not None else None)
                     if lookahead is not None and epoch == train.epochs:
@@ -249,10 +257,13 @@ def fit(params: Params, dataset: Dataset, runtime: Runtime, world: Distributed =
                 epoch_seconds.append(seconds)
                 images_per_second.append(result["images"] / seconds)
                 per_process = gather_objects({"rng": rng_state(), "guard": guard.state_dict()})   # a collective
+                # The same workers start on the next epoch's batches now, while this process measures
+                # the test split and saves the state: the next epoch's first batches are then ready.
+                batches = iter(loader.epoch(epoch + 1)) if epoch < train.epochs else None
                 if not world.is_main:
                     continue
                 timer = time.perf_counter()
-                test = evaluate(net, iterate_batches(dataset.test, params.evaluate.batch_size), runtime)
+                test = evaluate(net, test_batches, runtime)
                 phase = _phase_times(epoch, result, seconds, test_pass=time.perf_counter() - timer)
                 row = {"train/loss": result["loss"], "train/accuracy": result["accuracy"],
                        "test/loss": test["loss"], "test/accuracy": test["accuracy"], "lr": result["last_lr"]}
@@ -260,8 +271,10 @@ def fit(params: Params, dataset: Dataset, runtime: Runtime, world: Distributed =
                     history[name].append(row[name])
                 _log(live, epoch, row)
                 phases.append(phase)   # saved with the state; its save time and total are filled in below
+                # `state_save` is what the loop waits for (copying the state); the file itself is written in
+                # the background (train_speed.json's state_write_seconds).
                 timer = time.perf_counter()
-                _save_state(state_file, fingerprint, epoch, net, optimizer, scheduler, scaler, per_process,
+                _save_state(writer, state_file, fingerprint, epoch, net, optimizer, scheduler, scaler, per_process,
                             history, lrs, epoch_seconds, images_per_second, phases, lookahead)
                 phase["state_save"] = time.perf_counter() - timer
                 print(f"epoch {epoch:3d}  lr {row['lr']:.3e}  train loss {row['train/loss']:.4f} "
@@ -269,10 +282,12 @@ def fit(params: Params, dataset: Dataset, runtime: Runtime, world: Distributed =
                       f"acc {row['test/accuracy']:.4f}  {seconds:.1f}s {result['images'] / seconds:.0f} img/s")
                 _close_phase(phase, started)
         except TrainingDiverged as err:
+            writer.wait()   # the state reported as kept is on disk
             kept = (f"the last good state (epoch {epoch - 1}) is kept in {state_file}" if epoch > 1
                     else "no epoch completed")
             raise TrainingDiverged(f"{err}; {kept}") from None
         except KeyboardInterrupt:
+            writer.wait()   # the state reported as saved is on disk
             how = "" if (stop_signal() or 2) == 2 else f" ({signal_name(stop_signal())})"
             kept = (f"the state after epoch {epoch - 1} is saved in {state_file}, rerun to resume" if epoch > 1
                     else "no epoch completed, a rerun starts fresh")
@@ -282,6 +297,7 @@ def fit(params: Params, dataset: Dataset, runtime: Runtime, world: Distributed =
             first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
             raise CifarlabError(f"runtime.compile is true but torch.compile failed in epoch {epoch}: {first}; "
                                 f"set runtime.compile: false") from None
+        writer.wait()       # the last epoch's state is written before the run's end deletes it
         if not world.is_main:
             return {"max_lr": max_lr}
         live.summary["max_lr"] = max_lr
@@ -297,7 +313,7 @@ def fit(params: Params, dataset: Dataset, runtime: Runtime, world: Distributed =
         "images_per_second": sum(images_per_second) / len(images_per_second),
         "epoch_seconds_mean": sum(epoch_seconds) / len(epoch_seconds),
         "epoch_seconds": epoch_seconds, "processes": world.world_size, **runtime.describe(),
-        **_phase_summary(phases)})
+        **_phase_summary(phases), "state_write_seconds": writer.seconds})
     write_json(paths.TRAIN_SUMMARY, {   # what `dvc exp show` compares; the learning curves are in TRAIN_LIVE_DIR
         "max_lr": max_lr, "epochs": train.epochs,
         "images_per_second": sum(images_per_second) / len(images_per_second),
@@ -347,8 +363,9 @@ def _phase_summary(phases: list[dict]) -> dict:
     return {"epoch_phases": phases, "epoch_phase_means": means}
 
 
-def _save_state(path: Path, fingerprint: str, epoch: int, model, optimizer, scheduler, scaler, per_process,
-                history, lrs, epoch_seconds, images_per_second, phases, lookahead: Optional[Lookahead]) -> None:
+def _save_state(writer: StateWriter, path: Path, fingerprint: str, epoch: int, model, optimizer, scheduler, scaler,
+                per_process, history, lrs, epoch_seconds, images_per_second, phases,
+                lookahead: Optional[Lookahead]) -> None:
     state = {"fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(),
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "scaler": scaler.state_dict() if scaler is not None else None,
@@ -356,5 +373,4 @@ def _save_state(path: Path, fingerprint: str, epoch: int, model, optimizer, sche
              "history": history, "lrs": lrs, "epoch_seconds": epoch_seconds,
              "images_per_second": images_per_second, "phases": phases,
              "lookahead": lookahead.state_dict() if lookahead is not None else None}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    writer.save(path, state)   # waits only for the copy; the file is written while training goes on
