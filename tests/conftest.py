@@ -1,11 +1,14 @@
-"""Shared fixtures: the repo's params with tiny synthetic settings, and a runner for stage scripts."""
+"""Shared fixtures and helpers (the one module tests import helpers from): the repo's params with
+tiny synthetic settings, a runner for stage scripts, and temporary git + DVC copies of the pipeline."""
 
 from __future__ import annotations
 
 import copy
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -109,3 +112,102 @@ def tiny_run(tmp_path_factory) -> Path:
     for stage in ("download", "lr_find", "max_lr", "train", "evaluate", "report"):
         run(["python", f"stages/{stage}.py"], work)
     return work
+
+
+def params_in(work: Path) -> dict:
+    """The params.yaml of a working directory."""
+    return yaml.safe_load((work / "params.yaml").read_text())
+
+
+# --- temporary git + DVC repos (end-to-end tests) --------------------------------------------------
+
+# As small as the pipeline allows, for runs that check plumbing, not learning: lr_find takes the
+# tiny configuration's range test (enough points below the loss minimum), at train.batch_size.
+TINY_RUN = {
+    "data": {"source": "synthetic", "synthetic_train_size": 128, "synthetic_test_size": 50},
+    "lr_find": TINY["lr_find"],
+    "train": {"epochs": 1, "batch_size": 32, "max_at_epoch": 1, "max_lr": 0.003},
+    "evaluate": {"batch_size": 50, "gallery_size": 4, "gradcam_size": 2},
+}
+
+COPIED = ("dvc.yaml", "params.yaml", "conf", "stages", "src", "pyproject.toml", ".dvc/config", ".dvc/plots",
+          ".dvcignore", ".gitignore")
+OVERRIDE_CONFIG = "test_overrides"   # conf/test_overrides.yaml in the temporary repo
+
+
+def add_overrides_to_conf(work: Path, override: dict) -> None:
+    """Make `dvc exp run`'s Hydra composition keep `override` in the temporary repo.
+
+    With hydra enabled, `dvc exp run` rewrites params.yaml from conf/, so the tiny settings must
+    be in conf/ as well. Merging them into the base (conf/config.yaml) is not enough: the preset
+    is composed after the base and sets train.* itself. So they are a config of their own, listed
+    in conf/config.yaml's defaults after the preset: every composition, whichever preset it
+    picks, keeps them, and `-S` on the command line still wins over them.
+    """
+    config_path = work / "conf" / "config.yaml"
+    config = yaml.safe_load(config_path.read_text())
+    config["defaults"] = [*config["defaults"], OVERRIDE_CONFIG]
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    (work / "conf" / f"{OVERRIDE_CONFIG}.yaml").write_text(
+        "# @package _global_\n" + yaml.safe_dump(override, sort_keys=False))
+
+
+def make_repo(tmp_path: Path, override: dict) -> Path:
+    """A fresh git + DVC repo holding the pipeline, with tiny synthetic params committed (in
+    params.yaml for `dvc repro`, and in conf/ for the composition `dvc exp run` makes)."""
+    work = tmp_path / "repo"
+    work.mkdir()
+    for name in COPIED:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, work / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            (work / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, work / name)
+    write_params(work, merge(yaml.safe_load((REPO / "params.yaml").read_text()), override))
+    add_overrides_to_conf(work, override)
+    run(["git", "init", "-q"], work)
+    run(["git", "config", "user.email", "test@example.com"], work)
+    run(["git", "config", "user.name", "test"], work)
+    run(["git", "add", "-A"], work)
+    run(["git", "commit", "-qm", "tiny pipeline"], work)
+    return work
+
+
+def declared_outputs(work: Path) -> list[Path]:
+    stages = yaml.safe_load((work / "dvc.yaml").read_text())["stages"]
+    outs = []
+    for stage in stages.values():
+        for out in [*stage.get("outs", []), *stage.get("metrics", []), *stage.get("plots", [])]:
+            outs.append(work / (next(iter(out)) if isinstance(out, dict) else out))
+    return outs
+
+
+def exp_rows(shown: list) -> dict:
+    """`dvc exp show --json` -> {experiment name: its data (params, metrics)}."""
+    rows = {}
+    for baseline in shown:
+        for exp in baseline.get("experiments") or []:
+            for rev in exp.get("revs", []):
+                rows[rev.get("name") or rev["rev"]] = rev["data"]
+    return rows
+
+
+def ran_stages(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
+
+
+def queue_tasks(work: Path) -> list[list[str]]:
+    """`dvc queue status` -> rows of [task, (name,) created, status]."""
+    lines = run(["dvc", "queue", "status"], work).stdout.splitlines()
+    return [line.split() for line in lines[1:] if line.strip() and not line.startswith("Worker status")]
+
+
+def wait_for_queue(work: Path, timeout: float) -> list[list[str]]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        tasks = queue_tasks(work)
+        if tasks and all(row[-1] in ("Success", "Failed") for row in tasks):
+            return tasks
+        time.sleep(3)
+    raise AssertionError(f"queue not finished after {timeout:.0f} s:\n{run(['dvc', 'queue', 'status'], work).stdout}")

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import merge, run, write_params
-from test_train import _params
+from conftest import merge, params_in, run, write_params
 
 # BatchNorm statistics are per process on CPU (SyncBatchNorm needs CUDA), so a 2-process run
 # normalises each half-batch on its own: the weights drift slightly from the single-process run.
@@ -34,10 +33,10 @@ def relative_difference(a: dict, b: dict) -> float:
 
 @pytest.mark.e2e
 def test_two_process_ddp_matches_single_process(stage_dir, tmp_path):
-    write_params(stage_dir, merge(_params(stage_dir), RUN))
+    write_params(stage_dir, merge(params_in(stage_dir), RUN))
     ddp = tmp_path / "ddp"
     shutil.copytree(stage_dir, ddp)
-    write_params(ddp, merge(_params(ddp), {"runtime": {"nproc": 2}}))
+    write_params(ddp, merge(params_in(ddp), {"runtime": {"nproc": 2}}))
 
     run(["torchrun", "--standalone", "--nproc_per_node=1", "stages/train.py"], stage_dir)
     result = run(["torchrun", "--standalone", "--nproc_per_node=2", "stages/train.py"], ddp)
@@ -58,11 +57,11 @@ def test_two_process_ddp_matches_single_process(stage_dir, tmp_path):
 @pytest.mark.e2e
 def test_without_batchnorm_ddp_equals_single_process(stage_dir, tmp_path):
     """Per-process BatchNorm is the only reason the runs differ: without it they agree to float precision."""
-    write_params(stage_dir, merge(_params(stage_dir), merge(RUN, {"train": {"epochs": 1}})))
+    write_params(stage_dir, merge(params_in(stage_dir), merge(RUN, {"train": {"epochs": 1}})))
     shutil.copy(Path(__file__).with_name("ddp_probe.py"), stage_dir / "probe.py")
     ddp = tmp_path / "ddp"
     shutil.copytree(stage_dir, ddp)
-    write_params(ddp, merge(_params(ddp), {"runtime": {"nproc": 2}}))
+    write_params(ddp, merge(params_in(ddp), {"runtime": {"nproc": 2}}))
     run(["torchrun", "--standalone", "--nproc_per_node=1", "probe.py"], stage_dir)
     run(["torchrun", "--standalone", "--nproc_per_node=2", "probe.py"], ddp)
     difference = relative_difference(final(stage_dir)[0], final(ddp)[0])
@@ -73,7 +72,7 @@ def test_without_batchnorm_ddp_equals_single_process(stage_dir, tmp_path):
 @pytest.mark.parametrize("nproc", [2, 3])
 def test_batch_size_must_divide_among_processes(stage_dir, nproc):
     """The stage itself starts the processes (no torchrun): its one line is printed once, with no traceback."""
-    write_params(stage_dir, merge(_params(stage_dir), merge(RUN, {"train": {"batch_size": 64 + 1},
+    write_params(stage_dir, merge(params_in(stage_dir), merge(RUN, {"train": {"batch_size": 64 + 1},
                                                                    "runtime": {"nproc": nproc}})))
     result = run(["python", "stages/train.py"], stage_dir, check=False)
     assert result.returncode == 1
@@ -83,7 +82,7 @@ def test_batch_size_must_divide_among_processes(stage_dir, nproc):
 
 def test_a_failure_in_the_processes_is_printed_once(stage_dir):
     """A failure every process of a 2-process run hits (here: the loss diverges) is one line, once."""
-    write_params(stage_dir, merge(_params(stage_dir), merge(RUN, {"train": {"max_lr": 1.0e4, "epochs": 1},
+    write_params(stage_dir, merge(params_in(stage_dir), merge(RUN, {"train": {"max_lr": 1.0e4, "epochs": 1},
                                                                    "runtime": {"nproc": 2}})))
     result = run(["python", "stages/train.py"], stage_dir, check=False)
     assert result.returncode == 1

@@ -12,9 +12,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO, merge, run, tool_env
-from test_pipeline_e2e import exp_rows, make_repo
-from test_scale_out import TINY_RUN, wait_for_queue
+from conftest import REPO, TINY_RUN, exp_rows, make_repo, merge, run, tool_env, wait_for_queue
 
 pytestmark = pytest.mark.e2e
 

@@ -19,8 +19,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import TINY, merge, run, tool_env, write_params
-from test_pipeline_e2e import make_repo
+from conftest import TINY, make_repo, merge, run, tool_env, write_params
 
 pytestmark = pytest.mark.e2e
 

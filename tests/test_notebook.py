@@ -19,8 +19,7 @@ import pytest
 import yaml
 
 from cifarlab.compose import compose_text
-from conftest import REPO, run
-from test_pipeline_e2e import COPIED
+from conftest import COPIED, REPO, run
 
 NOTEBOOK = REPO / "notebooks" / "quickstart.ipynb"
 CHOICES = {"PRESET", "COMPARE_WITH", "BUDGET", "DATA", "REPO_URL"}

@@ -21,7 +21,7 @@ import yaml
 from cifarlab import compose as composition
 from cifarlab.compose import PARAMS_HEADER, body, params_text, uncommented
 from cifarlab.lr_rules import RULES
-from conftest import TINY, REPO, run
+from conftest import REPO, TINY_RUN, exp_rows, make_repo, merge, ran_stages, run
 
 CONF = REPO / "conf"
 DEFAULT_PRESET = "assignment10"
@@ -263,35 +263,28 @@ def test_every_key_in_params_yaml_is_commented():
 
 # --- end to end: two presets as named experiments, compared, tagged ------------------------------
 
-# As small as the pipeline allows: the run checks plumbing, not learning. lr_find takes the tiny
-# configuration's range test (enough points below the loss minimum), at train.batch_size.
-TINY_RUN = {
-    "data": {"source": "synthetic", "synthetic_train_size": 128, "synthetic_test_size": 50},
-    "lr_find": TINY["lr_find"],
-    "train": {"epochs": 1, "batch_size": 16, "max_at_epoch": 1, "max_lr": 0.003},
-    "evaluate": {"batch_size": 50},
-}
+# The shared plumbing configuration at batch 16 (more steps per epoch on its 128 images).
+PRESET_RUN = merge(TINY_RUN, {"train": {"batch_size": 16}})
 
 
 @pytest.mark.e2e
 def test_presets_run_as_named_experiments_and_compare(tmp_path, monkeypatch):
-    from test_pipeline_e2e import exp_rows, make_repo
 
     # One compute thread per stage: the work is tiny, and on a shared 2-core CPU two-thread
     # OpenMP stages slow down many times over whenever another process takes a core.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    work = make_repo(tmp_path, TINY_RUN)
-    # The preset picks model, optimizer, schedule shape, augmentation and report; TINY_RUN (composed
+    work = make_repo(tmp_path, PRESET_RUN)
+    # The preset picks model, optimizer, schedule shape, augmentation and report; PRESET_RUN (composed
     # after it) keeps the run tiny; `-S` on the command line wins over both.
     run(["dvc", "exp", "run", "-n", "a7", "-S", "preset=assignment7", "-S", "train.max_lr=0.01"], work)
     run(["dvc", "exp", "run", "-n", "a10", "-S", "preset=assignment10"], work)
 
     rows = exp_rows(json.loads(run(["dvc", "exp", "show", "--json"], work).stdout))
     assert {"a7", "a10"} <= set(rows)
-    for name, preset, max_lr in (("a7", "assignment7", 0.01), ("a10", "assignment10", TINY_RUN["train"]["max_lr"])):
+    for name, preset, max_lr in (("a7", "assignment7", 0.01), ("a10", "assignment10", PRESET_RUN["train"]["max_lr"])):
         params = rows[name]["params"]["params.yaml"]["data"]
         recipe = compose([f"preset={preset}"])
-        for section in ("model", "augment", "optim", "report"):      # the preset's, untouched by TINY_RUN
+        for section in ("model", "augment", "optim", "report"):      # the preset's, untouched by PRESET_RUN
             assert params[section] == recipe[section], (name, section)
         assert params["model"]["name"] == SEEDS[preset]["model"]
         assert (params["train"]["epochs"], params["train"]["max_lr"]) == (1, max_lr)
@@ -321,7 +314,6 @@ def test_quick_budget_runs_a_preset_end_to_end(tmp_path, monkeypatch):
     import math
     import time
 
-    from test_pipeline_e2e import exp_rows, make_repo, ran_stages
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     work = make_repo(tmp_path, {"data": {"source": "synthetic"}})     # only the source: the budget's keys stay

@@ -14,9 +14,7 @@ import time
 
 import pytest
 
-from conftest import run
-from test_pipeline_e2e import exp_rows, make_repo, ran_stages
-from test_scale_out import TINY_RUN
+from conftest import TINY_RUN, exp_rows, make_repo, ran_stages, run
 
 pytestmark = pytest.mark.e2e
 

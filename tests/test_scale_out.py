@@ -4,22 +4,14 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import TINY, run
-from test_pipeline_e2e import exp_rows, make_repo, ran_stages
+from conftest import TINY_RUN, exp_rows, make_repo, ran_stages, run, wait_for_queue
 
 pytestmark = pytest.mark.e2e
 
 # The plumbing, not the learning: as small as every stage allows (lr_find: the tiny configuration's).
-TINY_RUN = {
-    "data": {"source": "synthetic", "synthetic_train_size": 128, "synthetic_test_size": 50},
-    "lr_find": TINY["lr_find"],
-    "train": {"epochs": 1, "batch_size": 32, "max_at_epoch": 1, "max_lr": 0.003},
-    "evaluate": {"batch_size": 50, "gallery_size": 4, "gradcam_size": 2},
-}
 QUEUED_LRS = (0.001, 0.01)
 
 
@@ -31,22 +23,6 @@ def baseline(tmp_path_factory):
     run(["git", "add", "-A"], work)
     run(["git", "commit", "-qm", "baseline run"], work)
     return work
-
-
-def queue_tasks(work: Path) -> list[list[str]]:
-    """`dvc queue status` -> rows of [task, (name,) created, status]."""
-    lines = run(["dvc", "queue", "status"], work).stdout.splitlines()
-    return [line.split() for line in lines[1:] if line.strip() and not line.startswith("Worker status")]
-
-
-def wait_for_queue(work: Path, timeout: float) -> list[list[str]]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        tasks = queue_tasks(work)
-        if tasks and all(row[-1] in ("Success", "Failed") for row in tasks):
-            return tasks
-        time.sleep(3)
-    raise AssertionError(f"queue not finished after {timeout:.0f} s:\n{run(['dvc', 'queue', 'status'], work).stdout}")
 
 
 def test_queued_experiments_run_in_parallel_and_show_up(baseline, monkeypatch):

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from cifarlab.loops import DivergenceGuard, TrainingDiverged
-from conftest import merge, run, tool_env, write_params
+from conftest import merge, params_in, run, tool_env, write_params
 
 # a7_net with dropout: small and fast, and its dropout draws from the global RNG, so an exact
 # resume must restore RNG state as well as weights.
@@ -29,13 +29,8 @@ LONG_RUN = 200
 
 def train_in(work: Path, override: dict | None = None, check: bool = True):
     if override:
-        write_params(work, merge(json.loads(json.dumps(_params(work))), override))
+        write_params(work, merge(json.loads(json.dumps(params_in(work))), override))
     return run(["python", "stages/train.py"], work, check=check)
-
-
-def _params(work: Path) -> dict:
-    import yaml
-    return yaml.safe_load((work / "params.yaml").read_text())
 
 
 def outputs(work: Path) -> tuple[dict, dict]:
@@ -179,8 +174,8 @@ def fingerprint_of(work: Path, raw: dict, monkeypatch) -> str:
 
 def test_a_different_run_never_resumes(stage_dir, monkeypatch):
     """A state left by another run (other params, data or code: another fingerprint) is not resumed."""
-    write_params(stage_dir, merge(_params(stage_dir), FAST))
-    other = fingerprint_of(stage_dir, merge(_params(stage_dir), {"train": {"max_lr": 0.005}}), monkeypatch)
+    write_params(stage_dir, merge(params_in(stage_dir), FAST))
+    other = fingerprint_of(stage_dir, merge(params_in(stage_dir), {"train": {"max_lr": 0.005}}), monkeypatch)
     (stage_dir / ".cache/train").mkdir(parents=True)
     torch.save({"fingerprint": other, "epoch": 2}, stage_dir / f".cache/train/{other}.pt")
     result = train_in(stage_dir)
@@ -190,8 +185,8 @@ def test_a_different_run_never_resumes(stage_dir, monkeypatch):
 
 
 def test_unreadable_state_starts_fresh(stage_dir, monkeypatch):
-    write_params(stage_dir, merge(_params(stage_dir), FAST))
-    fingerprint = fingerprint_of(stage_dir, _params(stage_dir), monkeypatch)
+    write_params(stage_dir, merge(params_in(stage_dir), FAST))
+    fingerprint = fingerprint_of(stage_dir, params_in(stage_dir), monkeypatch)
     (stage_dir / ".cache/train").mkdir(parents=True)
     (stage_dir / f".cache/train/{fingerprint}.pt").write_bytes(b"not a checkpoint")
     result = train_in(stage_dir)
@@ -200,7 +195,7 @@ def test_unreadable_state_starts_fresh(stage_dir, monkeypatch):
 
 
 def test_ctrl_c_saves_the_last_complete_epoch(stage_dir):
-    write_params(stage_dir, merge(_params(stage_dir), merge(FAST, {"train": {"epochs": LONG_RUN}})))
+    write_params(stage_dir, merge(params_in(stage_dir), merge(FAST, {"train": {"epochs": LONG_RUN}})))
     process = subprocess.Popen([sys.executable, "stages/train.py"], cwd=stage_dir, env=tool_env(),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_state(stage_dir, process)
@@ -216,7 +211,7 @@ def test_ctrl_c_saves_the_last_complete_epoch(stage_dir):
 
 
 def test_sigterm_stops_like_ctrl_c(stage_dir):
-    write_params(stage_dir, merge(_params(stage_dir), merge(FAST, {"train": {"epochs": LONG_RUN}})))
+    write_params(stage_dir, merge(params_in(stage_dir), merge(FAST, {"train": {"epochs": LONG_RUN}})))
     process = subprocess.Popen([sys.executable, "stages/train.py"], cwd=stage_dir, env=tool_env(),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_state(stage_dir, process)
@@ -245,21 +240,21 @@ def test_batch_larger_than_training_split(stage_dir):
     assert "train.batch_size is 600; allowed: at most the training split size (512)" in result.stderr
 
 
-def test_fingerprint_depends_on_code_data_and_params(stage_dir, monkeypatch):
+def test_fingerprint_depends_on_code_data_andparams_in(stage_dir, monkeypatch):
     from cifarlab.runtime import select_runtime
     from cifarlab.params import parse_params
     from cifarlab.trainer import run_fingerprint
 
     monkeypatch.chdir(stage_dir)
-    params = parse_params(_params(stage_dir))
+    params = parse_params(params_in(stage_dir))
     runtime = select_runtime(params.runtime)
     base = run_fingerprint(params, runtime, 0.01)
     assert run_fingerprint(params, runtime, 0.01) == base
     assert run_fingerprint(params, runtime, 0.02) != base
-    changed = parse_params(merge(_params(stage_dir), {"augment": {"hflip": 0.0}}))
+    changed = parse_params(merge(params_in(stage_dir), {"augment": {"hflip": 0.0}}))
     assert run_fingerprint(changed, runtime, 0.01) != base
     for subset in ({"train_subset": 100}, {"test_subset": 100}):      # other images: not the same run
-        assert run_fingerprint(parse_params(merge(_params(stage_dir), {"data": subset})), runtime, 0.01) != base
+        assert run_fingerprint(parse_params(merge(params_in(stage_dir), {"data": subset})), runtime, 0.01) != base
     # code: exactly the files dvc.yaml lists as train's deps (one list for DVC and for resuming)
     for module in ("report.py", "plots.py", "gradcam.py"):             # not train's deps: the state survives
         with open(stage_dir / "src/cifarlab" / module, "a") as handle:
