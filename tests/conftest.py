@@ -175,12 +175,10 @@ def make_repo(tmp_path: Path, override: dict) -> Path:
 
 
 def declared_outputs(work: Path) -> list[Path]:
+    from cifarlab import dvcfile
+
     stages = yaml.safe_load((work / "dvc.yaml").read_text())["stages"]
-    outs = []
-    for stage in stages.values():
-        for out in [*stage.get("outs", []), *stage.get("metrics", []), *stage.get("plots", [])]:
-            outs.append(work / (next(iter(out)) if isinstance(out, dict) else out))
-    return outs
+    return [work / path for stage in stages.values() for path in dvcfile.paths(stage, *dvcfile.OUT_KINDS)]
 
 
 def exp_rows(shown: list) -> dict:

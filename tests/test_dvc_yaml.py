@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cifarlab import codedeps
+from cifarlab import codedeps, dvcfile
 from cifarlab.params import Params, parse_params
 from conftest import REPO
 
@@ -19,7 +19,7 @@ STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 
 
 def declared(stage: dict) -> list[str]:
-    return [next(iter(d)) if isinstance(d, dict) else d for d in stage.get("deps", [])]
+    return dvcfile.paths(stage, "deps")
 
 
 @pytest.mark.parametrize("name", sorted(STAGES))
@@ -116,7 +116,7 @@ def test_a_copy_of_the_repo_imports_its_own_src(tmp_path, tiny_params):
 def test_stage_can_be_restored_from_the_run_cache(name):
     """DVC saves a stage to its run-cache only if no out is `persist` and every `cache: false` out
     is a stage-level metric or plot (dvc/stage/cache.py `_can_hash`, dvc/stage/__init__.py `run`)."""
-    outs = [next(iter(o.items())) if isinstance(o, dict) else (o, {}) for o in STAGES[name].get("outs", [])]
+    outs = dvcfile.entries(STAGES[name], ["outs"])
     assert [path for path, flags in outs if flags.get("persist")] == []
     assert [path for path, flags in outs if flags.get("cache") is False] == []
 
@@ -125,8 +125,7 @@ def test_declared_metrics_are_only_what_a_user_compares():
     """`dvc exp show` columns: the stage-level metrics files, nothing at top level."""
     top = yaml.safe_load((REPO / "dvc.yaml").read_text())
     assert "metrics" not in top
-    declared = [next(iter(m)) if isinstance(m, dict) else m
-                for stage in STAGES.values() for m in stage.get("metrics", [])]
+    declared = [path for stage in STAGES.values() for path in dvcfile.paths(stage, "metrics")]
     assert sorted(declared) == ["metrics/test.json", "metrics/training.json"]
 
 
@@ -137,8 +136,7 @@ def test_cached_outputs_are_git_ignored_by_the_committed_gitignore():
 
     lines = set((REPO / ".gitignore").read_text().splitlines())
     for stage in STAGES.values():
-        for out in stage.get("outs", []):
-            path, flags = next(iter(out.items())) if isinstance(out, dict) else (out, {})
+        for path, flags in dvcfile.entries(stage, ["outs"]):
             if flags.get("cache", True):
                 if "/" not in path:      # DVC's own line for a top-level out, which it may delete
                     assert f"/{path}" not in lines

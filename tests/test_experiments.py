@@ -12,6 +12,7 @@ import subprocess
 
 import pytest
 
+from cifarlab import dvcfile
 from conftest import REPO, TINY_RUN, exp_rows, make_repo, merge, run, tool_env, wait_for_queue
 
 pytestmark = pytest.mark.e2e
@@ -134,9 +135,9 @@ def interactive_plots() -> list[str]:
     import yaml
 
     pipeline = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    declared = [next(iter(p)) if isinstance(p, dict) else p for p in pipeline.get("plots", [])]
+    declared = dvcfile.paths(pipeline, "plots")
     for stage in pipeline["stages"].values():
-        declared += [next(iter(p)) if isinstance(p, dict) else p for p in stage.get("plots", [])]
+        declared += dvcfile.paths(stage, "plots")
     return [name for name in declared if not name.endswith(".png")]
 
 

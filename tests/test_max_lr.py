@@ -7,13 +7,15 @@ import json
 import pytest
 import yaml
 
+from cifarlab import dvcfile
+
 from conftest import REPO, merge, run, write_params
 
 STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 
 
 def test_train_depends_on_the_resolved_max_lr_not_the_range_test():
-    deps = [next(iter(d)) if isinstance(d, dict) else d for d in STAGES["train"]["deps"]]
+    deps = dvcfile.paths(STAGES["train"], "deps")
     assert "metrics/max_lr.json" in deps and "metrics/lr_find.json" not in deps
     assert STAGES["max_lr"]["params"] == ["train.max_lr"]
     assert "metrics/lr_find.json" in STAGES["max_lr"]["deps"]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from cifarlab import paths
+from cifarlab import dvcfile, paths
 from cifarlab.params import AugmentParams, ReportParams
 from cifarlab.report import (COPIED_FIGURES, SECTIONS, RunIdentity, RunSummary, _anchor, augmentation, header, pct,
                              result, run_identity, run_table, training_curves)
@@ -113,16 +113,14 @@ def test_report_is_declared_from_the_other_stages_outputs_only():
     read = [paths.EVAL_METRICS, paths.EVAL_RUN, paths.LR_FIND_METRICS, paths.LR_FIND_CURVE, paths.TRAIN_SPEED,
             paths.TRAIN_LIVE_DIR, paths.LR_SCHEDULE, paths.CONFUSION, paths.CHECKPOINT, *COPIED_FIGURES]
     assert {p.as_posix() for p in read} <= deps
-    outs = {next(iter(out)) if isinstance(out, dict) else out
-            for name, stage in stages.items() if name != "report"
-            for kind in ("outs", "metrics", "plots") for out in stage.get(kind, [])}
+    outs = {path for name, stage in stages.items() if name != "report"
+            for path in dvcfile.paths(stage, *dvcfile.OUT_KINDS)}
     for dep in deps:
         assert dep in outs or dep.startswith(("src/", "stages/")), dep
     assert report["params"] == ["report"]
     # every figure is a DVC plot: a top-level entry or a stage-level `plots:` out
     plots = {entry for entry in yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"] if isinstance(entry, str)}
-    plots |= {next(iter(out)) if isinstance(out, dict) else out for stage in stages.values()
-              for out in stage.get("plots", [])}
+    plots |= {path for stage in stages.values() for path in dvcfile.paths(stage, "plots")}
     assert {p.as_posix() for p in COPIED_FIGURES} | {"reports/figures/lr_find.png"} <= plots
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from cifarlab import dvcfile
 from cifarlab.loops import DivergenceGuard, TrainingDiverged
 from conftest import merge, params_in, run, tool_env, write_params
 
@@ -272,7 +273,7 @@ def test_fingerprint_files_are_the_train_stage_deps(stage_dir):
     from cifarlab.trainer import train_deps
 
     stages = yaml.safe_load((stage_dir / "dvc.yaml").read_text())["stages"]
-    assert train_deps(stage_dir) == [next(iter(d)) if isinstance(d, dict) else d for d in stages["train"]["deps"]]
+    assert train_deps(stage_dir) == dvcfile.paths(stages["train"], "deps")
     assert "src/cifarlab/report.py" not in train_deps(stage_dir)
     (stage_dir / "dvc.yaml").unlink()
     result = train_in(stage_dir, check=False)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
+from cifarlab import dvcfile
 from cifarlab.lifetime import die_with_parent, launcher_pid, signal_name, stop_on_sigterm, stop_signal
 
 
@@ -67,12 +68,11 @@ def restore_hint(stage: Optional[str] = None, root: Path = Path(".")) -> str:
         import yaml
 
         declared = yaml.safe_load((root / "dvc.yaml").read_text())["stages"][stage]
-        declared = [out for kind in ("outs", "metrics", "plots") for out in declared.get(kind) or []]
+        declared = dvcfile.entries(declared, dvcfile.OUT_KINDS)
         locked = yaml.safe_load((root / "dvc.lock").read_text())["stages"][stage].get("outs", [])
     except (OSError, KeyError, TypeError, AttributeError, ValueError, ImportError):
         return ""           # never completed before (no dvc.lock entry): nothing to restore
-    uncached = {next(iter(out)) for out in declared if isinstance(out, dict) and
-                (next(iter(out.values())) or {}).get("cache") is False}
+    uncached = {path for path, flags in declared if flags.get("cache") is False}
     cache = root / ".dvc" / "cache" / "files" / "md5"
     restorable = [out["path"] for out in locked if out["path"] not in uncached and out.get("md5")
                   and (cache / out["md5"][:2] / out["md5"][2:]).exists()]

@@ -66,3 +66,15 @@ def read(max_lr: MaxLr, resolved: Path = paths.MAX_LR) -> dict:
         raise CifarlabError(f"{resolved} was resolved for train.max_lr {chosen['train.max_lr']} but params.yaml has "
                             f"{max_lr}; run `dvc repro max_lr` (or `dvc repro train`, which runs it first)")
     return chosen
+
+
+def write(max_lr: MaxLr, out: Path = paths.MAX_LR) -> dict:
+    """The max_lr stage: resolve `train.max_lr`, write it to `out` and say where it came from."""
+    from cifarlab.atomic import write_json
+
+    chosen = resolve(max_lr)
+    write_json(out, chosen)
+    how = (f"lr_find's `{chosen['rule']}` rule (loss minimum at {chosen['loss_minimum_lr']:.3g})"
+           if chosen["chosen_by"] == "lr_find" else "train.max_lr")
+    print(f"max_lr: {chosen['max_lr']:.3g} from {how}")
+    return chosen

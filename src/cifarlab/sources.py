@@ -9,12 +9,15 @@ import tarfile
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 from tqdm import tqdm
 
 from cifarlab.storage import (CIFAR10_TEST_SIZE, CIFAR10_TRAIN_SIZE, NUM_CLASSES, DataError, Dataset, Split)
+
+if TYPE_CHECKING:
+    from cifarlab.params import DataParams
 
 DOWNLOAD_TIMEOUT_S = 60
 
@@ -118,3 +121,24 @@ def make_synthetic(train_size: int, test_size: int, seed: int) -> Dataset:
 
     train, test = split(train_size), split(test_size)
     return Dataset(train, test, tuple(f"synthetic-{i}" for i in range(NUM_CLASSES)), "synthetic")
+
+
+def download(data: "DataParams", out_dir: Path) -> Dataset:
+    """The download stage: the synthetic set made from its seed, or CIFAR-10 fetched from `data.url`
+    and checked against `data.md5`; written to `out_dir` with where it came from."""
+    import tempfile
+
+    from cifarlab.storage import save_dataset
+
+    if data.source == "synthetic":
+        dataset = make_synthetic(data.synthetic_train_size, data.synthetic_test_size, data.synthetic_seed)
+        extra = {"synthetic_seed": data.synthetic_seed}
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            tarball = Path(tmp) / "cifar-10-python.tar.gz"
+            fetch(data.url, tarball, data.md5)
+            dataset = read_cifar10_tarball(tarball, origin=data.url)
+        extra = {"url": data.url, "md5": data.md5}
+    save_dataset(dataset, out_dir, extra)
+    print(f"download: {dataset.source}, {len(dataset.train)} train / {len(dataset.test)} test images -> {out_dir}/")
+    return dataset

@@ -27,7 +27,7 @@ import torch
 from dvclive import Live
 from tqdm import tqdm
 
-from cifarlab import paths
+from cifarlab import dvcfile, paths
 from cifarlab.atomic import atomic_path, write_json
 from cifarlab.augment import write_preview
 from cifarlab.checkpoint import StateWriter, save_checkpoint
@@ -81,7 +81,7 @@ def train_deps(root: Path = Path(".")) -> list[str]:
         detail = str(err) if isinstance(err, ParamsError) else "it has no stages.train.deps"
         raise CifarlabError(f"cannot read the train stage's deps from {root / 'dvc.yaml'} ({detail}); "
                             f"run train from the repository root, as `dvc repro train` does") from None
-    return [next(iter(dep)) if isinstance(dep, dict) else str(dep) for dep in deps]
+    return dvcfile.paths({"deps": deps}, "deps")
 
 
 def _dep_files(path: Path) -> list[Path]:
