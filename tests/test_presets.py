@@ -346,3 +346,30 @@ def test_quick_budget_runs_a_preset_end_to_end(tmp_path, monkeypatch):
                    "-S", "data.test_subset=50"], work)
     assert ran_stages(smaller.stdout) == {"train", "evaluate", "report"}    # no new download, no new range test
     assert json.loads((work / "metrics" / "evaluate.json").read_text())["test_images"] == 50
+
+
+# --- the README's preset table -----------------------------------------------------------------------
+
+def test_readme_preset_table_is_generated_from_the_presets(monkeypatch):
+    from cifarlab import preset_table
+
+    monkeypatch.chdir(REPO)
+    assert preset_table.main(["--check"]) == 0, "run `python -m cifarlab.preset_table`"
+
+
+def test_preset_table_follows_the_preset_files(tmp_path):
+    from cifarlab import preset_table
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    fast = conf / "preset" / "fast.yaml"
+    fast.write_text(fast.read_text().replace("  epochs: 10 ", "  epochs: 12 "))
+    rows = {line.split(" | ")[0]: line for line in preset_table.table(conf).splitlines()}
+    assert "| 1024, 12 |" in rows["| `fast`"]
+    assert rows["| `assignment10` (default)"].startswith("| `assignment10` (default) | `custom_resnet` (6,573,130) |")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{preset_table.BEGIN}\nold table\n{preset_table.END}\nrest\n")
+    assert preset_table.main(["--check", "--readme", str(readme), "--conf", str(conf)]) == 1
+    assert preset_table.main(["--readme", str(readme), "--conf", str(conf)]) == 0
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("\nrest\n") and "| 1024, 12 |" in text
