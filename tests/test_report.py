@@ -334,6 +334,16 @@ def test_a_cut_down_budget_is_named_up_front_and_in_the_run_table(summary, tmp_p
     assert table_dict(tables(text)[0])["budget"] == ["quick (`conf/budget/quick.yaml`)"]
 
 
+def test_the_data_row_says_what_a_subset_left_of_each_split(summary, tmp_path):
+    data = {**summary.run["data"], "train_subset": 320, "test_subset": 4}
+    subset = dataclasses.replace(summary, run={**summary.run, "data": data})
+    text, _ = render_alone(run_table, subset, tmp_path)
+    [row] = table_dict(tables(text)[0])["data source"]
+    assert row.endswith(": 320 of 50,000 (`data.train_subset`) train / 4 of 10,000 (`data.test_subset`) test images")
+    text, _ = render_alone(run_table, summary, tmp_path)
+    assert table_dict(tables(text)[0])["data source"][0].endswith(": 50,000 train / 10,000 test images")
+
+
 def writeup_row(summary, tmp_path) -> str:
     text, _ = render_alone(result, summary, tmp_path)
     return table_dict(tables(text)[0])["the write-up's own result"][0]

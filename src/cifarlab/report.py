@@ -33,10 +33,10 @@ from cifarlab.errors import CifarlabError
 from cifarlab.metrics import TTA_VARIANTS
 from cifarlab.params import AugmentParams, ReportParams
 from cifarlab.plots import curves_figure, lr_find_figure, schedule_figure
+from cifarlab.storage import CIFAR10_TEST_SIZE, CIFAR10_TRAIN_SIZE
 
 LIBRARIES = ("torch", "torchvision", "numpy", "albumentations", "torch-lr-finder", "grad-cam", "torchinfo",
              "matplotlib", "dvc", "dvclive")
-CIFAR10_SIZES = (50_000, 10_000)   # the official train / test split sizes (checked by the download stage)
 
 # Figures copied as the train and evaluate stages drew them.
 COPIED_FIGURES = (paths.AUGMENT_PREVIEW, paths.CONFUSION_FIGURE, paths.PER_CLASS_FIGURE,
@@ -320,11 +320,19 @@ def _copied(s: RunSummary, name: str, figures: Path) -> str:
 
 
 def _data_description(data: dict, source: str, test_images: int) -> str:
+    """Where the data came from and how many images each stage used (a subset says of how many)."""
     if source == "synthetic":
-        return (f"synthetic (offline, deterministic; seed {data['synthetic_seed']}): "
-                f"{data['synthetic_train_size']:,} train / {test_images:,} test images")
-    return (f"CIFAR-10 from {data['url']} (md5 {data['md5']}): {CIFAR10_SIZES[0]:,} train / "
-            f"{test_images:,} test images")
+        whole_train, whole_test = data["synthetic_train_size"], data["synthetic_test_size"]
+        origin = f"synthetic (offline, deterministic; seed {data['synthetic_seed']})"
+    else:
+        (whole_train, whole_test), origin = (CIFAR10_TRAIN_SIZE, CIFAR10_TEST_SIZE), f"CIFAR-10 from {data['url']} (md5 {data['md5']})"
+    train = _split_size(data.get("train_subset", 0), whole_train, "train_subset")
+    test = _split_size(test_images if data.get("test_subset", 0) else 0, whole_test, "test_subset")
+    return f"{origin}: {train} train / {test} test images"
+
+
+def _split_size(used: int, whole: int, key: str) -> str:
+    return f"{whole:,}" if not used else f"{used:,} of {whole:,} (`data.{key}`)"
 
 
 def _verdict(s: RunSummary) -> str:
