@@ -9,8 +9,9 @@ the range test, training, evaluation and the report.
 
 It prints one line per preset: wall seconds, CPU seconds of all its processes (user + sys), the
 1-minute load average before and after (other jobs on the machine inflate the wall time; the CPU
-seconds less so), the test accuracy and the max LR training used. It asserts nothing and writes
-nothing into the repository.
+seconds less so), the test accuracy and the max LR training used. It asserts nothing; with
+`--json PATH` it also writes the runs there, e.g. into bench/results/ for bench/RESULTS.md
+(`python bench/results.py`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import resource
 import shutil
 import subprocess
@@ -43,7 +45,7 @@ def scratch_copy(work: Path) -> None:
         subprocess.run(cmd, cwd=work, check=True, capture_output=True)
 
 
-def run_preset(preset: str, work: Path, env: dict) -> str:
+def run_preset(preset: str, work: Path, env: dict) -> dict:
     scratch_copy(work)
     load_before = os.getloadavg()[0]
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -54,33 +56,59 @@ def run_preset(preset: str, work: Path, env: dict) -> str:
     cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = cpu_after.ru_utime - cpu_before.ru_utime + cpu_after.ru_stime - cpu_before.ru_stime
     (work / "quick_budget.log").write_text(result.stdout + result.stderr)
-    timing = (f"{preset}: {wall:.1f} s wall, {cpu:.1f} s CPU, load {load_before:.1f} -> {os.getloadavg()[0]:.1f}")
+    run = {"preset": preset, "wall_seconds": wall, "cpu_seconds": cpu, "load_before": load_before,
+           "load_after": os.getloadavg()[0], "ok": result.returncode == 0}
     if result.returncode != 0:
         errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith(("error", "ERROR"))]
-        return f"{timing}, FAILED: {' | '.join(errors) or 'see ' + str(work / 'quick_budget.log')}"
-    accuracy = json.loads((work / "metrics/test.json").read_text())["accuracy"]
-    max_lr = json.loads((work / "metrics/training.json").read_text())["max_lr"]
-    return f"{timing}, test accuracy {accuracy:.3f}, max_lr {max_lr:.3g}"
+        return {**run, "error": " | ".join(errors) or f"see {work / 'quick_budget.log'}"}
+    return {**run, "test_accuracy": json.loads((work / "metrics/test.json").read_text())["accuracy"],
+            "max_lr": json.loads((work / "metrics/training.json").read_text())["max_lr"]}
+
+
+def describe(run: dict) -> str:
+    line = (f"{run['preset']}: {run['wall_seconds']:.1f} s wall, {run['cpu_seconds']:.1f} s CPU, "
+            f"load {run['load_before']:.1f} -> {run['load_after']:.1f}")
+    if not run["ok"]:
+        return f"{line}, FAILED: {run['error']}"
+    return f"{line}, test accuracy {run['test_accuracy']:.3f}, max_lr {run['max_lr']:.3g}"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("presets", nargs="*", help="presets to run (default: every file of conf/preset/)")
     parser.add_argument("--keep", type=Path, help="make the scratch copies under this folder and keep them")
+    parser.add_argument("--json", type=Path, help="also write the runs to this file (for bench/results/)")
     args = parser.parse_args()
     presets = args.presets or sorted(path.stem for path in (REPO / "conf" / "preset").glob("*.yaml"))
     env = dict(os.environ, DVC_NO_ANALYTICS="1")
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")   # this venv's dvc and python
     root = args.keep or Path(tempfile.mkdtemp(prefix="quick_budget_"))
+    runs = []
     try:
         for preset in presets:
             work = root / preset
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
-            print(run_preset(preset, work, env), flush=True)
+            runs.append(run_preset(preset, work, env))
+            print(describe(runs[-1]), flush=True)
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
+    if args.json is not None:
+        args.json.write_text(json.dumps({
+            "bench": "quick_budget", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "cpu": cpu_model(), "cpu_count": os.cpu_count(), "threads": env.get("OMP_NUM_THREADS", "default"),
+            "runs": runs}, indent=2) + "\n")
     return 0
 
 

@@ -555,6 +555,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     dataset = bench_dataset(args.data, params, needed, args.eval_images)
 
     out: dict = {
+        "bench": "throughput", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "cuda_device": torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda" else None,
         "model": params.model.name, "batch_size": args.batch_size, "timed_batches": args.batches,
         "warmup_batches": args.warmup, "data": dataset.source if args.data == "synthetic" else str(args.data),
         "overrides": " ".join(args.overrides) or "none", "interleave": args.interleave,
