@@ -21,17 +21,18 @@ from typing import Union
 
 from cifarlab import paths
 from cifarlab.errors import CifarlabError
+from cifarlab.params import FIND
 
 MaxLr = Union[float, str]
 
 
 def resolve(max_lr: MaxLr, lr_find_metrics: Path = paths.LR_FIND_METRICS) -> dict:
     """What `metrics/max_lr.json` holds for `train.max_lr` (lr_find's file is read only for `find`)."""
-    if max_lr != "find":
+    if max_lr != FIND:
         return {"max_lr": float(max_lr), "chosen_by": "params", "train.max_lr": float(max_lr)}
     try:
         found = json.loads(Path(lr_find_metrics).read_text())
-        chosen = {"max_lr": float(found["max_lr"]), "chosen_by": "lr_find", "train.max_lr": "find",
+        chosen = {"max_lr": float(found["max_lr"]), "chosen_by": "lr_find", "train.max_lr": FIND,
                   "rule": str(found["rule"]), "loss_minimum_lr": float(found["loss_minimum_lr"])}
     except (OSError, ValueError, KeyError, TypeError):
         raise CifarlabError(f"train.max_lr is `find` but {lr_find_metrics} is missing or incomplete; "
@@ -50,7 +51,7 @@ def read(max_lr: MaxLr, resolved: Path = paths.MAX_LR) -> dict:
     resolving (a stage script run by hand, outside DVC); `find` does.
     """
     if not Path(resolved).exists():
-        if max_lr != "find":
+        if max_lr != FIND:
             return resolve(max_lr)
         raise CifarlabError(f"train.max_lr is `find` but {resolved} is missing; run `dvc repro max_lr` "
                             f"(after lr_find) or set train.max_lr to a number")
@@ -61,7 +62,7 @@ def read(max_lr: MaxLr, resolved: Path = paths.MAX_LR) -> dict:
             str(chosen["rule"]), float(chosen["loss_minimum_lr"])
     except (OSError, ValueError, KeyError, TypeError):
         raise CifarlabError(f"{resolved} is unreadable or incomplete; run `dvc repro max_lr`") from None
-    wanted = "find" if max_lr == "find" else float(max_lr)
+    wanted = FIND if max_lr == FIND else float(max_lr)
     if chosen["train.max_lr"] != wanted:
         raise CifarlabError(f"{resolved} was resolved for train.max_lr {chosen['train.max_lr']} but params.yaml has "
                             f"{max_lr}; run `dvc repro max_lr` (or `dvc repro train`, which runs it first)")

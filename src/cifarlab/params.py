@@ -139,8 +139,11 @@ def null_or(inner: Callable[[Any], Any], inner_name: str) -> Callable[[Any], Any
     return check
 
 
+FIND = "find"   # train.max_lr's word for "take lr_find's suggestion" (resolved by the max_lr stage)
+
+
 def lr_or_find(value: Any) -> Union[float, str]:
-    if value == "find":
+    if value == FIND:
         return value
     try:
         return positive_float(value)

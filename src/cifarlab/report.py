@@ -31,7 +31,7 @@ from cifarlab import paths
 from cifarlab.atomic import atomic_dir, save_figure
 from cifarlab.errors import CifarlabError
 from cifarlab.metrics import TTA_VARIANTS
-from cifarlab.params import AugmentParams, ReportParams
+from cifarlab.params import FIND, AugmentParams, ReportParams
 from cifarlab.plots import curves_figure, lr_find_figure, schedule_figure
 from cifarlab.storage import CIFAR10_TEST_SIZE, CIFAR10_TRAIN_SIZE
 
@@ -232,7 +232,7 @@ class RunSummary:
 
     @property
     def from_find(self) -> bool:
-        return self.train["max_lr"] == "find"
+        return self.train["max_lr"] == FIND
 
     @property
     def augment(self) -> AugmentParams:
