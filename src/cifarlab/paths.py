@@ -9,6 +9,7 @@ LR_FIND_CURVE = Path("plots/lr_find.csv")           # lr, loss
 MAX_LR = Path("metrics/max_lr.json")                # the max LR train uses (train.max_lr resolved): train's dep
 
 TRAIN_LIVE_DIR = Path("metrics/train")              # dvclive: metrics.json + per-epoch plots
+TRAIN_LOGGED = ("train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr")   # its per-epoch series
 TRAIN_SPEED = Path("metrics/train_speed.json")      # images/s and epoch seconds, apart from learning metrics
 TRAIN_SUMMARY = Path("metrics/training.json")      # declared metrics: max LR used, epochs, images/s, minutes
 LR_SCHEDULE = Path("plots/lr_schedule.csv")         # step, lr actually used for every batch

@@ -110,8 +110,7 @@ def read_history(live_dir: Path = paths.TRAIN_LIVE_DIR) -> dict[str, list[float]
         with tsv.open() as handle:
             rows = sorted(csv.DictReader(handle, delimiter="\t"), key=lambda row: int(row["step"]))
         history[name] = [float(row[tsv.stem]) for row in rows]
-    missing = [name for name in ("train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr")
-               if name not in history]
+    missing = [name for name in paths.TRAIN_LOGGED if name not in history]
     if missing:
         raise CifarlabError(f"report needs the per-epoch metrics under {root}/ (missing {', '.join(missing)}); "
                             f"run `dvc repro train`")

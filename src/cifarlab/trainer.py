@@ -46,7 +46,7 @@ from cifarlab.schedule import build_optimizer, build_scheduler, onecycle_for
 from cifarlab.storage import Dataset
 from cifarlab.subset import load_subset
 
-LOGGED = ("train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr")
+LOGGED = paths.TRAIN_LOGGED
 
 
 class Interrupted(CifarlabError):
