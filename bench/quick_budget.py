@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -27,6 +26,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import describe_cpu   # bench/machine.py (this script's folder is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,16 +74,6 @@ def describe(run: dict) -> str:
     return f"{line}, test accuracy {run['test_accuracy']:.3f}, max_lr {run['max_lr']:.3g}"
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("presets", nargs="*", help="presets to run (default: every file of conf/preset/)")
@@ -107,7 +98,7 @@ def main() -> int:
     if args.json is not None:
         args.json.write_text(json.dumps({
             "bench": "quick_budget", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "cpu": cpu_model(), "cpu_count": os.cpu_count(), "threads": env.get("OMP_NUM_THREADS", "default"),
+            "cpu": describe_cpu(), "cpu_count": os.cpu_count(), "threads": env.get("OMP_NUM_THREADS", "default"),
             "runs": runs}, indent=2) + "\n")
     return 0
 

@@ -19,6 +19,11 @@ import sys
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
+if sys.path[:1] != [str(BENCH.parent / "src")]:
+    sys.path.insert(0, str(BENCH.parent / "src"))   # this checkout's library
+
+from cifarlab.atomic import sync_generated  # noqa: E402  (after the path above)
+
 RESULTS_DIR = BENCH / "results"
 PAGE = BENCH / "RESULTS.md"
 
@@ -119,19 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=RESULTS_DIR)
     parser.add_argument("--page", type=Path, default=PAGE)
     args = parser.parse_args(argv)
-    wanted = render(args.results)
-    current = args.page.read_text() if args.page.exists() else ""
-    if wanted == current:
-        print(f"{args.page}: up to date")
-        return 0
-    if args.check:
-        print(f"{args.page} is stale: run `python bench/results.py`", file=sys.stderr)
-        return 1
-    tmp = args.page.with_name(f".{args.page.name}.tmp")
-    tmp.write_text(wanted)
-    tmp.replace(args.page)
-    print(f"{args.page}: rewritten from {len(list(args.results.glob('*.json')))} result files")
-    return 0
+    return sync_generated(args.page, render(args.results), args.check, "python bench/results.py")
 
 
 if __name__ == "__main__":

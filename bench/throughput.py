@@ -34,7 +34,6 @@ import dataclasses
 import itertools
 import json
 import os
-import platform
 import resource
 import shutil
 import sys
@@ -68,6 +67,7 @@ from cifarlab.schedule import build_optimizer, build_scheduler, onecycle_for  # 
 from cifarlab.sources import make_synthetic  # noqa: E402
 from cifarlab.storage import CIFAR_MEAN, CIFAR_STD, Dataset, load_dataset, Split  # noqa: E402
 from cifarlab.trainer import fit, resolve_max_lr  # noqa: E402
+from machine import describe_cpu  # noqa: E402  (bench/machine.py: this script's folder is on sys.path)
 
 # The OneCycle peak when train.max_lr is `find` and this checkout has no usable lr_find output: the
 # timings do not depend on it, so the benchmark runs on without `dvc repro lr_find` and says so.
@@ -476,16 +476,6 @@ def run_training_paths(args, params: Params, runtime: Runtime, dataset: Dataset,
 
 
 # --- main ---------------------------------------------------------------------------------------
-
-def describe_cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
 
 def format_value(value) -> str:
     if isinstance(value, bool):

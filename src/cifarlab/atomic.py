@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -57,6 +58,22 @@ def write_bytes(target: str | Path, data: bytes) -> None:
 def write_text(target: str | Path, text: str) -> None:
     with atomic_path(target) as tmp:
         tmp.write_text(text)
+
+
+def sync_generated(target: str | Path, wanted: str, check: bool, command: str) -> int:
+    """A generated file: with `check`, exit status 1 (and a line naming `command`) if `target` is not
+    `wanted`; else rewrite it atomically when it differs. Returns the exit status (0 or 1)."""
+    target = Path(target)
+    current = target.read_text() if target.exists() else None
+    if current == wanted:
+        print(f"{target}: up to date")
+        return 0
+    if check:
+        print(f"{target} is stale: run `{command}`", file=sys.stderr)
+        return 1
+    write_text(target, wanted)
+    print(f"{target}: rewritten")
+    return 0
 
 
 def write_json(target: str | Path, data: Any) -> None:

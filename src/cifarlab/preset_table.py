@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from cifarlab.atomic import sync_generated
 from cifarlab.compose import compose_text
 from cifarlab.params import FIND, Params, parse_params
 
@@ -127,20 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--readme", type=Path, default=Path("README.md"))
     parser.add_argument("--conf", type=Path, default=Path("conf"))
     args = parser.parse_args(argv)
-    current = args.readme.read_text()
-    wanted = updated(current, table(args.conf))
-    if wanted == current:
-        print(f"{args.readme}: the preset table is up to date")
-        return 0
-    if args.check:
-        print(f"{args.readme}: the preset table is stale; run `python -m cifarlab.preset_table`", file=sys.stderr)
-        return 1
-    from cifarlab.atomic import atomic_path
-
-    with atomic_path(args.readme) as tmp:
-        tmp.write_text(wanted)
-    print(f"{args.readme}: preset table rewritten")
-    return 0
+    wanted = updated(args.readme.read_text(), table(args.conf))
+    return sync_generated(args.readme, wanted, args.check, "python -m cifarlab.preset_table")
 
 
 if __name__ == "__main__":
