@@ -57,10 +57,10 @@ def throughput_rows(results: dict[str, dict]) -> list[list[str]]:
     rows = []
     for name, r in results.items():
         row = [f"[{name}](results/{name}.json)", r.get("date", "?"), _machine(r)]
-        for _, key, fmt in THROUGHPUT_COLUMNS:
+        for header, key, fmt in THROUGHPUT_COLUMNS:
             if key is not None:
                 row.append(_cell(r.get(key), fmt))
-            elif _ == "model, batch":
+            elif header == "model, batch":
                 row.append(f"`{r.get('model', '?')}`, {r.get('batch_size', '?')}")
             else:
                 row.append(f"{_cell(r.get('loadavg_1min_start'), '{:.1f}')}, {_cell(r.get('loadavg_1min_end'), '{:.1f}')}")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Union
 
 from cifarlab import paths
+from cifarlab.atomic import write_json
 from cifarlab.errors import CifarlabError
 from cifarlab.params import FIND
 
@@ -71,8 +72,6 @@ def read(max_lr: MaxLr, resolved: Path = paths.MAX_LR) -> dict:
 
 def write(max_lr: MaxLr, out: Path = paths.MAX_LR) -> dict:
     """The max_lr stage: resolve `train.max_lr`, write it to `out` and say where it came from."""
-    from cifarlab.atomic import write_json
-
     chosen = resolve(max_lr)
     write_json(out, chosen)
     how = (f"lr_find's `{chosen['rule']}` rule (loss minimum at {chosen['loss_minimum_lr']:.3g})"

@@ -72,12 +72,9 @@ def _optimizer(p: Params) -> str:
 def _schedule(p: Params) -> str:
     t = p.train
     max_lr = f"`{FIND}`" if t.max_lr == FIND else _number(t.max_lr)
-    parts = [max_lr, str(t.max_at_epoch), f"max/{t.div_factor:g}, start/{t.final_div_factor:g}", t.anneal_strategy]
-    if t.three_phase:
-        parts.append("three-phase")
-    if t.cycle_momentum:
-        parts.append("momentum cycled")
-    return "; ".join(parts[:2]) + "; " + ", ".join(parts[2:])
+    shape = [f"max/{t.div_factor:g}, start/{t.final_div_factor:g}", t.anneal_strategy]
+    shape += ["three-phase"] * t.three_phase + ["momentum cycled"] * t.cycle_momentum
+    return f"{max_lr}; {t.max_at_epoch}; {', '.join(shape)}"
 
 
 def _augmentation(p: Params) -> str:

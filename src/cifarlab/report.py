@@ -318,7 +318,7 @@ def _copied(s: RunSummary, name: str, figures: Path) -> str:
     return name
 
 
-def _data_description(data: dict, source: str, test_images: int) -> str:
+def _data_description(data: dict, source: str) -> str:
     """Where the data came from and how many images each stage used (a subset says of how many)."""
     if source == "synthetic":
         whole_train, whole_test = data["synthetic_train_size"], data["synthetic_test_size"]
@@ -326,7 +326,7 @@ def _data_description(data: dict, source: str, test_images: int) -> str:
     else:
         (whole_train, whole_test), origin = (CIFAR10_TRAIN_SIZE, CIFAR10_TEST_SIZE), f"CIFAR-10 from {data['url']} (md5 {data['md5']})"
     train = _split_size(data.get("train_subset", 0), whole_train, "train_subset")
-    test = _split_size(test_images if data.get("test_subset", 0) else 0, whole_test, "test_subset")
+    test = _split_size(data.get("test_subset", 0), whole_test, "test_subset")
     return f"{origin}: {train} train / {test} test images"
 
 
@@ -450,7 +450,7 @@ def run_table(s: RunSummary, figures: Path) -> str:
     rows = [
         ["preset", s.report.preset],
         ["budget", f"{s.budget} (`conf/budget/{s.budget}.yaml`)"],
-        ["data source", _data_description(s.run["data"], s.evaluation["data_source"], s.test_images)],
+        ["data source", _data_description(s.run["data"], s.evaluation["data_source"])],
         ["model", f"`{s.arch}`, {s.parameters:,} parameters, dropout {s.dropout:g}; reproduces {s.model_source}"],
         ["optimizer", f"{optim['name']}, weight decay {optim['weight_decay']:g}, label smoothing "
                       f"{optim['label_smoothing']:g}"],

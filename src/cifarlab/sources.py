@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import pickle
 import tarfile
+import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -14,7 +15,8 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 from tqdm import tqdm
 
-from cifarlab.storage import (CIFAR10_TEST_SIZE, CIFAR10_TRAIN_SIZE, NUM_CLASSES, DataError, Dataset, Split)
+from cifarlab.storage import (CIFAR10_TEST_SIZE, CIFAR10_TRAIN_SIZE, NUM_CLASSES, DataError, Dataset, Split,
+                              save_dataset)
 
 if TYPE_CHECKING:
     from cifarlab.params import DataParams
@@ -126,10 +128,6 @@ def make_synthetic(train_size: int, test_size: int, seed: int) -> Dataset:
 def download(data: "DataParams", out_dir: Path) -> Dataset:
     """The download stage: the synthetic set made from its seed, or CIFAR-10 fetched from `data.url`
     and checked against `data.md5`; written to `out_dir` with where it came from."""
-    import tempfile
-
-    from cifarlab.storage import save_dataset
-
     if data.source == "synthetic":
         dataset = make_synthetic(data.synthetic_train_size, data.synthetic_test_size, data.synthetic_seed)
         extra = {"synthetic_seed": data.synthetic_seed}

@@ -46,7 +46,6 @@ from cifarlab.schedule import build_optimizer, build_scheduler, onecycle_for
 from cifarlab.storage import Dataset
 from cifarlab.subset import load_subset
 
-LOGGED = paths.TRAIN_LOGGED
 
 
 class Interrupted(CifarlabError):
@@ -76,12 +75,14 @@ def divergence_advice(chosen: dict) -> str:
 def train_deps(root: Path = Path(".")) -> list[str]:
     """The train stage's deps as dvc.yaml lists them: the files DVC hashes to decide whether train reruns."""
     try:
-        deps = read_yaml(root / "dvc.yaml")["stages"]["train"]["deps"]
+        stage = read_yaml(root / "dvc.yaml")["stages"]["train"]
+        if "deps" not in stage:
+            raise KeyError("deps")
     except (ParamsError, KeyError, TypeError) as err:
         detail = str(err) if isinstance(err, ParamsError) else "it has no stages.train.deps"
         raise CifarlabError(f"cannot read the train stage's deps from {root / 'dvc.yaml'} ({detail}); "
                             f"run train from the repository root, as `dvc repro train` does") from None
-    return dvcfile.paths({"deps": deps}, "deps")
+    return dvcfile.paths(stage, "deps")
 
 
 def _dep_files(path: Path) -> list[Path]:
@@ -197,7 +198,7 @@ def fit(params: Params, dataset: Dataset, runtime: Runtime, world: Distributed =
     scaler = torch.amp.GradScaler("cuda") if runtime.needs_grad_scaler() else None
     guard = DivergenceGuard(train.diverge_factor, runtime.device, divergence_advice(chosen))
     lookahead = Lookahead(net, cycle.total_steps) if params.optim.lookahead else None
-    history: dict[str, list[float]] = {name: [] for name in LOGGED}
+    history: dict[str, list[float]] = {name: [] for name in paths.TRAIN_LOGGED}
     lrs: list[float] = []
     epoch_seconds: list[float] = []
     images_per_second: list[float] = []
@@ -267,7 +268,7 @@ def fit(params: Params, dataset: Dataset, runtime: Runtime, world: Distributed =
                 phase = _phase_times(epoch, result, seconds, test_pass=time.perf_counter() - timer)
                 row = {"train/loss": result["loss"], "train/accuracy": result["accuracy"],
                        "test/loss": test["loss"], "test/accuracy": test["accuracy"], "lr": result["last_lr"]}
-                for name in LOGGED:
+                for name in paths.TRAIN_LOGGED:
                     history[name].append(row[name])
                 _log(live, epoch, row)
                 phases.append(phase)   # saved with the state; its save time and total are filled in below
@@ -329,7 +330,7 @@ def fit(params: Params, dataset: Dataset, runtime: Runtime, world: Distributed =
 
 def _log(live: Live, epoch: int, row: dict[str, float]) -> None:
     live.step = epoch  # plots' x axis is the 1-based epoch, as in the seeds' logs
-    for name in LOGGED:
+    for name in paths.TRAIN_LOGGED:
         live.log_metric(name, row[name])
     live.next_step()
 
