@@ -73,8 +73,6 @@ def copy_stages(work: Path) -> None:
 def copy_code(work: Path) -> None:
     """The stage scripts, src/ and dvc.yaml under work/: what train needs to run there as in the repo
     (its run fingerprint hashes the files dvc.yaml lists as train's deps, relative to the working directory)."""
-    import shutil
-
     copy_stages(work)
     shutil.copytree(REPO / "src", work / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     shutil.copy2(REPO / "dvc.yaml", work / "dvc.yaml")
@@ -102,16 +100,28 @@ TINY_RUN_EVALUATE = {"gallery_size": 6, "gradcam_size": 4, "tta_hflip": True, "t
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory) -> Path:
-    """The five stage scripts run once, in order, on the tiny synthetic set, as `dvc repro` would
-    run them. Shared by the evaluate and report tests, which only read it (copy it to change it)."""
-    work = tmp_path_factory.mktemp("tiny_run") / "work"
-    copy_code(work)
-    write_params(work, merge(yaml.safe_load((REPO / "params.yaml").read_text()),
-                             merge(TINY, {"evaluate": TINY_RUN_EVALUATE})))
-    for stage in ("download", "lr_find", "max_lr", "train", "evaluate", "report"):
-        run(["python", f"stages/{stage}.py"], work)
-    return work
+def tiny_repo(tmp_path_factory) -> tuple[Path, str]:
+    """The pipeline on the tiny synthetic set (TINY, with TINY_RUN_EVALUATE) in a git + DVC repo, run
+    once by `dvc repro` and committed with its dvc.lock and DVC cache: (the repo, repro's output).
+    Built once per session; tests read it as it is, or change a `copy_repo` of it."""
+    work = make_repo(tmp_path_factory.mktemp("tiny_repo"), merge(TINY, {"evaluate": TINY_RUN_EVALUATE}))
+    result = run(["dvc", "repro"], work)
+    run(["git", "add", "-A"], work)
+    run(["git", "commit", "-qm", "baseline run"], work)
+    return work, result.stdout
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_repo) -> Path:
+    """The tiny pipeline's outputs (`tiny_repo`), for the evaluate and report tests, which only read
+    them (copy the folder to change it)."""
+    return tiny_repo[0]
+
+
+def copy_repo(source: Path, destination: Path) -> Path:
+    """A copy of a temporary repo (workspace, git history, DVC cache) that a test may change."""
+    shutil.copytree(source, destination, symlinks=True)
+    return destination
 
 
 def params_in(work: Path) -> dict:
@@ -172,6 +182,42 @@ def make_repo(tmp_path: Path, override: dict) -> Path:
     run(["git", "add", "-A"], work)
     run(["git", "commit", "-qm", "tiny pipeline"], work)
     return work
+
+
+# Two presets as named experiments in one fresh repo, then the first again (tests/test_revisit.py and
+# test_presets.py). A and B differ in every stage's inputs: the preset changes the model, optimizer
+# and report; B's synthetic seed changes the data, so on the way back even download comes from the
+# run-cache. A's max LR on the command line wins over both the preset's and TINY_RUN's.
+PRESET_A_MAX_LR = 0.01
+PRESET_A = ["-S", "preset=assignment7", "-S", f"train.max_lr={PRESET_A_MAX_LR}"]
+PRESET_B = ["-S", "preset=assignment10", "-S", "data.synthetic_seed=1"]
+RUN_FILES = ("metrics/test.json", "metrics/training.json", "metrics/evaluate.json", "metrics/max_lr.json",
+             "metrics/lr_find.json", "models/model.pt", "reports/report.md")
+
+
+def exp_run(work: Path, name: str, overrides: list[str]) -> tuple[str, float]:
+    """`dvc exp run -n name overrides...`: its output and wall seconds."""
+    started = time.perf_counter()
+    result = run(["dvc", "exp", "run", "-n", name, *overrides], work)
+    return result.stdout, time.perf_counter() - started
+
+
+def snapshot(work: Path) -> dict[str, bytes]:
+    """The bytes of a run's results (RUN_FILES) in the workspace."""
+    return {path: (work / path).read_bytes() for path in RUN_FILES}
+
+
+@pytest.fixture(scope="session")
+def preset_runs(tmp_path_factory) -> tuple[Path, dict]:
+    """A fresh repo (TINY_RUN, nothing run yet), then `dvc exp run` of A ("a"), B ("b") and A again
+    ("a-again"): (the repo, {name: {"output", "seconds", "files"}})."""
+    work = make_repo(tmp_path_factory.mktemp("presets"), TINY_RUN)
+    runs = {}
+    for name, overrides in (("a", PRESET_A), ("b", PRESET_B), ("a-again", PRESET_A)):
+        output, seconds = exp_run(work, name, overrides)
+        runs[name] = {"output": output, "seconds": seconds, "files": snapshot(work)}
+    print("\n".join(f"dvc exp run {name}: {r['seconds']:.1f} s" for name, r in runs.items()))
+    return work, runs
 
 
 def declared_outputs(work: Path) -> list[Path]:

@@ -9,11 +9,12 @@ import os
 import re
 import shutil
 import subprocess
+import time
 
 import pytest
 
 from cifarlab import dvcfile
-from conftest import REPO, TINY_RUN, exp_rows, make_repo, merge, run, tool_env, wait_for_queue
+from conftest import REPO, TINY_RUN, exp_rows, make_repo, merge, ran_stages, run, tool_env, wait_for_queue
 
 pytestmark = pytest.mark.e2e
 
@@ -49,6 +50,7 @@ def experiments(tmp_path_factory):
              "csv": run([*SHOW, *DROP_PATHS, "--csv"], work).stdout}
 
     run(["dvc", "exp", "run", "--queue", "-S", f"train.seed=range({SEEDS[0]},{SEEDS[-1] + 1})"], work)
+    started = time.monotonic()
     # Not waited for with a pipe: the worker it starts may outlive it and would hold the pipe open.
     subprocess.run(["dvc", "queue", "start", "--jobs", "2"], cwd=work, env=tool_env() | {"OMP_NUM_THREADS": "1"},
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
@@ -56,10 +58,11 @@ def experiments(tmp_path_factory):
         tasks = wait_for_queue(work, timeout=900)
     finally:
         run(["dvc", "queue", "stop"], work, check=False)
+    print(f"queue of {len(SEEDS)} experiments, 2 jobs: {time.monotonic() - started:.1f} s")
+    logs = {row[0]: run(["dvc", "queue", "logs", row[0]], work, check=False).stdout for row in tasks}
     failed = [row for row in tasks if row[-1] != "Success"]
-    assert not failed, "\n".join(run(["dvc", "queue", "logs", row[0]], work, check=False).stdout[-3000:]
-                                 for row in failed)
-    return work, shown
+    assert not failed, "\n".join(logs[row[0]][-3000:] for row in failed)
+    return work, shown | {"queue logs": logs}
 
 
 def flat_keys(data: dict, prefix: str = "") -> list[str]:
@@ -78,6 +81,23 @@ def test_exp_show_columns_are_the_declared_few(experiments):
         assert sorted(names) == sorted(DECLARED), name     # each once: no `test.accuracy`, no second `max_lr`
     header = run(["dvc", "exp", "show", "--csv"], experiments).stdout.splitlines()[0].split(",")
     assert not [column for column in header if ":" in column]   # no name needed its file to tell it apart
+
+
+def test_queued_experiments_run_in_parallel_and_show_up(experiments):
+    """The two seeds went through DVC's queue, two workers at once: each took the data from the DVC
+    cache (dvc.lock pins it) and ran training on; each shows up with its own params and metrics."""
+    work, shown = experiments
+    for log in shown["queue logs"].values():
+        assert "Stage 'download' didn't change, skipping" in log      # the queued copies did not re-download
+        assert {"train", "evaluate", "report"} <= ran_stages(log)
+    rows = exp_rows(json.loads(run(["dvc", "exp", "show", "--json"], work).stdout))
+    queued = {data["params"]["params.yaml"]["data"]["train"]["seed"]: data for name, data in rows.items()
+              if not name.startswith("lr-")}
+    assert sorted(queued) == list(SEEDS)
+    for data in queued.values():
+        assert 0.0 <= data["metrics"]["metrics/test.json"]["data"]["accuracy"] <= 1.0
+        training = data["metrics"]["metrics/training.json"]["data"]
+        assert training["images_per_second"] > 0 and training["max_lr"] == TINY_EXP["train"]["max_lr"]
 
 
 def test_exp_show_only_changed_fits_160_columns(experiments):

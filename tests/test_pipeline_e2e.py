@@ -6,18 +6,16 @@ import json
 
 import pytest
 
-from conftest import TINY, declared_outputs, make_repo, ran_stages, run
+from conftest import TINY, copy_repo, declared_outputs, ran_stages, run
 
 pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    """One `dvc repro` of the tiny pipeline, committed as the baseline."""
-    work = make_repo(tmp_path_factory.mktemp("e2e"), TINY)
-    result = run(["dvc", "repro"], work)
-    run(["git", "add", "-A"], work)
-    run(["git", "commit", "-qm", "baseline run"], work)
-    return work, result.stdout
+def pipeline(tiny_repo, tmp_path_factory):
+    """One `dvc repro` of the tiny pipeline, committed as the baseline (a copy of conftest.tiny_repo,
+    which these tests change)."""
+    work, output = tiny_repo
+    return copy_repo(work, tmp_path_factory.mktemp("e2e") / "repo"), output
 
 
 def test_repro_runs_every_stage_and_writes_every_output(pipeline):

@@ -241,7 +241,7 @@ def test_report_fails_in_one_line_when_an_output_is_missing(tiny, tmp_path):
 def test_first_screen_says_which_run_it_is(report):
     title, run_line, lead, contents = report.split("\n\n")[:4]
     assert title.startswith("# ")
-    # the tiny run is a plain script run in a temporary folder: no experiment, and no git around it
+    # the tiny run is `dvc repro` in a temporary repo (conftest.tiny_repo): the workspace, no experiment
     assert run_line.startswith("Run: workspace (not a DVC experiment), at ")
     assert "Its write-up reported 92.64% on CIFAR-10." in lead          # report.writeup_accuracy of the preset
     assert contents.startswith("[Result](#result) | [Run](#run) | [Augmentation](#augmentation)")

@@ -10,21 +10,14 @@ reruns the range test but not train; with `train.max_lr: find` the same change r
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
-from conftest import TINY_RUN, exp_rows, make_repo, ran_stages, run
+from conftest import PRESET_A, TINY_RUN, exp_rows, exp_run, ran_stages, run, snapshot
 
 pytestmark = pytest.mark.e2e
 
 STAGES = ("download", "lr_find", "max_lr", "train", "evaluate", "report")
-# A and B differ in every stage's inputs: the preset changes the model, optimizer and report; B's
-# synthetic seed changes the data, so on the way back even download comes from the run-cache.
-A = ["-S", "preset=assignment7"]
-B = ["-S", "preset=assignment10", "-S", "data.synthetic_seed=1"]
-COMPARED = ("metrics/test.json", "metrics/training.json", "metrics/evaluate.json", "metrics/max_lr.json",
-            "metrics/lr_find.json", "models/model.pt", "reports/report.md")
 NUM_ITER = TINY_RUN["lr_find"]["num_iter"]
 OTHER_NUM_ITER = NUM_ITER + 10
 
@@ -40,60 +33,38 @@ def unchanged_stages(output: str) -> set[str]:
             if line.startswith("Stage '") and "didn't change, skipping" in line}
 
 
-def exp_run(work, name: str, overrides: list[str]) -> tuple[str, float]:
-    started = time.perf_counter()
-    result = run(["dvc", "exp", "run", "-n", name, *overrides], work)
-    return result.stdout, time.perf_counter() - started
-
-
-def snapshot(work) -> dict[str, bytes]:
-    return {path: (work / path).read_bytes() for path in COMPARED}
-
-
-@pytest.fixture(scope="module")
-def revisited(tmp_path_factory):
-    """A fresh repo (nothing run yet); A, B and A again as three named experiments."""
-    work = make_repo(tmp_path_factory.mktemp("revisit"), TINY_RUN)
-    runs = {}
-    for name, overrides in (("a", A), ("b", B), ("a-again", A)):
-        output, seconds = exp_run(work, name, overrides)
-        runs[name] = {"output": output, "seconds": seconds, "files": snapshot(work)}
-    print("\n".join(f"dvc exp run {name}: {r['seconds']:.1f} s" for name, r in runs.items()))
-    return work, runs
-
-
-def test_first_two_runs_run_every_stage_that_changed(revisited):
-    _, runs = revisited
+def test_first_two_runs_run_every_stage_that_changed(preset_runs):
+    _, runs = preset_runs
     assert ran_stages(runs["a"]["output"]) == set(STAGES)
     assert ran_stages(runs["b"]["output"]) == set(STAGES)       # B changed every stage's inputs
     assert runs["a"]["files"]["models/model.pt"] != runs["b"]["files"]["models/model.pt"]
 
 
-def test_revisit_restores_every_stage_from_the_run_cache(revisited):
-    _, runs = revisited
+def test_revisit_restores_every_stage_from_the_run_cache(preset_runs):
+    _, runs = preset_runs
     output = runs["a-again"]["output"]
     assert ran_stages(output) == set(), output
     assert cached_stages(output) == set(STAGES), output          # train included: nothing trains
     assert "python stages/" not in output                        # no stage command was started
 
 
-def test_revisit_gives_the_first_runs_metrics_and_model(revisited):
-    work, runs = revisited
+def test_revisit_gives_the_first_runs_metrics_and_model(preset_runs):
+    work, runs = preset_runs
     assert runs["a-again"]["files"] == runs["a"]["files"]        # byte for byte, model.pt and report included
     rows = exp_rows(json.loads(run(["dvc", "exp", "show", "--json"], work).stdout))
     assert rows["a-again"]["metrics"] == rows["a"]["metrics"] != rows["b"]["metrics"]
 
 
-def test_revisit_takes_a_small_fraction_of_the_first_run(revisited):
-    _, runs = revisited
+def test_revisit_takes_a_small_fraction_of_the_first_run(preset_runs):
+    _, runs = preset_runs
     first, second, third = (runs[name]["seconds"] for name in ("a", "b", "a-again"))
     print(f"wall time: A {first:.1f} s, B {second:.1f} s, A again {third:.1f} s ({third / first:.1%} of A)")
     assert third < first / 3, (first, second, third)
 
 
-def test_plots_diff_shows_the_reports_figures_of_both_runs(revisited, tmp_path):
+def test_plots_diff_shows_the_reports_figures_of_both_runs(preset_runs, tmp_path):
     """reports/ is a DVC-cached out: `dvc plots diff` takes each experiment's report figures from the cache."""
-    work, _ = revisited
+    work, _ = preset_runs
     out = tmp_path / "plots"
     run(["dvc", "plots", "diff", "a", "b", "-o", str(out)], work)
     html = (out / "index.html").read_text()
@@ -107,10 +78,10 @@ def test_plots_diff_shows_the_reports_figures_of_both_runs(revisited, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def range_test_changed(revisited):
+def range_test_changed(preset_runs):
     """After A: a new range test with a numeric max LR, then `find` before and after the same change."""
-    work, _ = revisited
-    numeric = ["-S", "preset=assignment7", "-S", f"lr_find.num_iter={OTHER_NUM_ITER}"]
+    work, _ = preset_runs
+    numeric = [*PRESET_A, "-S", f"lr_find.num_iter={OTHER_NUM_ITER}"]
     found = ["-S", "preset=assignment7", "-S", "train.max_lr=find"]
     runs = {}
     for name, overrides in (("numeric-new-range-test", numeric),
@@ -122,8 +93,8 @@ def range_test_changed(revisited):
     return runs
 
 
-def test_numeric_max_lr_is_not_retrained_by_a_new_range_test(revisited, range_test_changed):
-    _, before = revisited
+def test_numeric_max_lr_is_not_retrained_by_a_new_range_test(preset_runs, range_test_changed):
+    _, before = preset_runs
     after = range_test_changed["numeric-new-range-test"]
     assert after["files"]["metrics/lr_find.json"] != before["a-again"]["files"]["metrics/lr_find.json"]
     assert {"lr_find", "max_lr"} <= ran_stages(after["output"])   # a new range test, resolved again
