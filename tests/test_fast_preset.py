@@ -8,11 +8,15 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import yaml
 
 from cifarlab import compose as composition
-from cifarlab.params import parse_params
+from cifarlab.models.classifier import Classifier
+from cifarlab.params import ParamsError, parse_params
+from cifarlab.schedule import build_optimizer
 from conftest import REPO, TINY, copy_code, merge, run, write_params
 
 
@@ -23,9 +27,10 @@ def fast() -> dict:
 def test_fast_preset_is_airbench94s_recipe_for_the_mean_loss():
     params = parse_params(fast())
     assert params.model.name == "fast_net" and params.report.preset == "fast"
-    assert (params.train.batch_size, params.train.epochs, params.train.max_lr) == (1024, 10, 1.5)
+    assert (params.train.batch_size, params.train.epochs, params.train.max_lr) == (1024, 12, 1.5)
     assert (params.optim.name, params.optim.nesterov, params.optim.momentum) == ("sgd", True, 0.85)
     assert params.optim.label_smoothing == 0.2 and params.optim.bias_lr_scale == 64 and params.optim.lookahead
+    assert params.optim.whiten_bias_epochs == 3
     # 0.002 of each weight per step at the peak: airbench94's 0.0153 per 1024 images, decoupled
     assert params.train.max_lr * params.optim.weight_decay == pytest.approx(0.0153 * 1024 / (1024 * (1 + 1 / 0.15)),
                                                                            rel=0.01)
@@ -38,17 +43,76 @@ def test_fast_preset_is_airbench94s_recipe_for_the_mean_loss():
     assert params.train.anneal_strategy == "linear" and not params.train.cycle_momentum
 
 
+# The fast preset on the tiny set; its whitening bias stops training after epoch 2 of 3.
+FAST_RUN = merge(TINY, {"train": {"batch_size": 64, "max_lr": 0.5, "epochs": 3}, "optim": {"whiten_bias_epochs": 2},
+                        "evaluate": {"gradcam_size": 2, "gallery_size": 2}})
+
+
 @pytest.fixture(scope="module")
 def fast_run(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("fast_run") / "work"
     copy_code(work)
-    write_params(work, merge(fast(), merge(TINY, {"train": {"batch_size": 64, "max_lr": 0.5, "epochs": 3},
-                                                  "evaluate": {"gradcam_size": 2, "gallery_size": 2}})))
-    for stage in ("download", "lr_find", "train", "evaluate", "report"):
+    write_params(work, merge(fast(), FAST_RUN))
+    for stage in ("download", "lr_find", "max_lr", "train", "evaluate", "report"):
         result = run(["python", f"stages/{stage}.py"], work)
         if stage == "train":
             assert "augmentation on the device, whole batches (augment.path)" in result.stdout
+            assert "whitening bias trained for 2 epochs (optim.whiten_bias_epochs)" in result.stdout
     return work
+
+
+def whitening_step(trainable: bool) -> tuple[torch.Tensor, torch.Tensor, Classifier]:
+    """The fast preset's optimizer (momentum, weight decay, the 64x bias group) built as the trainer
+    builds it, one step with the whitening bias training (so it has momentum), then a second step
+    with it training or frozen: (the bias before the second step, after it, the model)."""
+    params = parse_params(fast())
+    torch.manual_seed(0)
+    model = Classifier("fast_net")
+    model.init_from_data(np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8))
+    optimizer = build_optimizer(model, params.optim, lr=0.5)
+    images, labels = torch.randint(0, 256, (16, 3, 32, 32)).float(), torch.randint(0, 10, (16,))
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+
+    step()
+    model.train_whitening_bias(trainable)
+    before = model.net.whiten.bias.detach().clone()
+    step()
+    return before, model.net.whiten.bias.detach(), model
+
+
+def test_a_frozen_whitening_bias_stays_and_skips_the_first_groups_input_gradient():
+    before, after, model = whitening_step(trainable=False)
+    assert torch.equal(before, after)                          # no gradient, no momentum, no weight decay
+    assert model.net.whiten.bias.grad is None and model.net.groups.group1.conv1.weight.grad is not None
+    before, after, _ = whitening_step(trainable=True)
+    assert not torch.equal(before, after)
+
+
+def test_whiten_bias_epochs_is_refused_for_a_model_without_whitening():
+    raw = merge(fast(), {"model": {"name": "custom_resnet"}})
+    with pytest.raises(ParamsError, match=r"^params key `optim.whiten_bias_epochs` is 3; allowed: null for model "
+                                          r"custom_resnet \(only a model with a whitening conv"):
+        parse_params(raw)
+    with pytest.raises(ParamsError, match=r"`optim.whiten_bias_epochs` is 0; allowed: null or a whole number >= 1"):
+        parse_params(merge(fast(), {"optim": {"whiten_bias_epochs": 0}}))
+    assert parse_params(merge(raw, {"optim": {"whiten_bias_epochs": None}})).optim.whiten_bias_epochs is None
+
+
+@pytest.mark.e2e
+def test_two_process_ddp_runs_the_fast_preset_through_the_frozen_bias(tmp_path):
+    """Under DDP the whitening bias stops getting gradients in epoch 2: DDP is told to expect that."""
+    work = tmp_path / "work"
+    copy_code(work)
+    write_params(work, merge(fast(), merge(FAST_RUN, {"train": {"epochs": 2}, "optim": {"whiten_bias_epochs": 1},
+                                                      "runtime": {"nproc": 2}})))
+    for stage in ("download", "lr_find", "max_lr"):
+        run(["python", f"stages/{stage}.py"], work)
+    result = run(["python", "stages/train.py"], work)
+    assert "2 processes" in result.stdout and result.stdout.count("epoch   2") == 1
 
 
 def test_every_stage_runs_with_the_fast_preset(fast_run):

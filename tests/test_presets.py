@@ -353,13 +353,13 @@ def test_preset_table_follows_the_preset_files(tmp_path):
     conf = tmp_path / "conf"
     shutil.copytree(CONF, conf)
     fast = conf / "preset" / "fast.yaml"
-    fast.write_text(fast.read_text().replace("  epochs: 10 ", "  epochs: 12 "))
+    fast.write_text(fast.read_text().replace("  epochs: 12 ", "  epochs: 14 "))
     rows = {line.split(" | ")[0]: line for line in preset_table.table(conf).splitlines()}
-    assert "| 1024, 12 |" in rows["| `fast`"]
+    assert "| 1024, 14 |" in rows["| `fast`"]
     assert rows["| `assignment10` (default)"].startswith("| `assignment10` (default) | `custom_resnet` (6,573,130) |")
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{preset_table.BEGIN}\nold table\n{preset_table.END}\nrest\n")
     assert preset_table.main(["--check", "--readme", str(readme), "--conf", str(conf)]) == 1
     assert preset_table.main(["--readme", str(readme), "--conf", str(conf)]) == 0
     text = readme.read_text()
-    assert text.startswith("intro\n") and text.endswith("\nrest\n") and "| 1024, 12 |" in text
+    assert text.startswith("intro\n") and text.endswith("\nrest\n") and "| 1024, 14 |" in text

@@ -245,6 +245,7 @@ class OptimParams:
     label_smoothing: float = key(fraction_below_one)
     bias_lr_scale: float = key(float_at_least(1.0))
     lookahead: bool = key(boolean)
+    whiten_bias_epochs: Optional[int] = key(null_or(positive_int, "a whole number >= 1"))
 
 
 @dataclass(frozen=True)
@@ -374,6 +375,13 @@ def _check_across_sections(params: Params) -> None:
     if params.augment.alternate_flip and params.augment.path == "per_image":
         raise ParamsError("params key `augment.alternate_flip` is true; allowed only with augment.path batch or auto "
                           "(the per-image path flips at random)")
+    if params.optim.whiten_bias_epochs is not None:
+        from cifarlab.models import model_spec  # imported here: the registry pulls in torch
+
+        if model_spec(params.model.name).whitening is None:
+            raise ParamsError(f"params key `optim.whiten_bias_epochs` is {params.optim.whiten_bias_epochs}; allowed: "
+                              f"null for model {params.model.name} (only a model with a whitening conv, e.g. "
+                              f"fast_net, has that bias)")
     data = params.data
     if data.source == "synthetic":
         for split in ("train", "test"):

@@ -73,7 +73,8 @@ def _schedule(p: Params) -> str:
     t = p.train
     max_lr = f"`{FIND}`" if t.max_lr == FIND else _number(t.max_lr)
     shape = [f"max/{t.div_factor:g}, start/{t.final_div_factor:g}", t.anneal_strategy]
-    shape += ["three-phase"] * t.three_phase + ["momentum cycled"] * t.cycle_momentum
+    cycled = "momentum cycled" if p.optim.name == "sgd" else "beta1 cycled"   # what OneCycleLR cycles
+    shape += ["three-phase"] * t.three_phase + [cycled] * t.cycle_momentum
     return f"{max_lr}; {t.max_at_epoch}; {', '.join(shape)}"
 
 

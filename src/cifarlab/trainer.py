@@ -188,8 +188,10 @@ def fit(params: Params, dataset: Dataset, runtime: Runtime, world: Distributed =
     net = build_model(params.model, runtime, len(dataset.classes), dataset.train.images)
     model = net
     if world.enabled:
+        # A whitening bias that stops training stops getting gradients: DDP must look for unused parameters.
         model = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[world.local_rank] if runtime.device.type == "cuda" else None)
+            net, device_ids=[world.local_rank] if runtime.device.type == "cuda" else None,
+            find_unused_parameters=params.optim.whiten_bias_epochs is not None)
     optimizer = build_optimizer(model, params.optim, lr=max_lr / train.div_factor)
     # The compiled module shares `net`'s parameters: evaluation, state and checkpoint use `net` itself.
     trained = torch.compile(model) if runtime.compile else model
@@ -230,7 +232,9 @@ def fit(params: Params, dataset: Dataset, runtime: Runtime, world: Distributed =
               f"({'lr_find' if train.max_lr == 'find' else 'params'}), {runtime.device} {runtime.precision}, "
               f"augmentation on the {'device, whole batches' if augmentation == 'batch' else 'CPU, per image'} "
               f"({augmentation_reason})"
-              + (f", {world.world_size} processes" if world.enabled else ""))
+              + (f", {world.world_size} processes" if world.enabled else "")
+              + (f", whitening bias trained for {params.optim.whiten_bias_epochs} epochs (optim.whiten_bias_epochs)"
+                 if params.optim.whiten_bias_epochs is not None else ""))
         write_preview(params.augment, dataset.train.images, dataset.train.labels, dataset.classes, train.seed)
     logger = (Live(str(paths.TRAIN_LIVE_DIR), dvcyaml=False, save_dvc_exp=False) if world.is_main
               else contextlib.nullcontext())
@@ -245,6 +249,8 @@ def fit(params: Params, dataset: Dataset, runtime: Runtime, world: Distributed =
         try:
             for epoch in range(first_epoch, train.epochs + 1):
                 started = time.perf_counter()
+                if params.optim.whiten_bias_epochs is not None:   # airbench94 trains it for its first 3 epochs
+                    net.train_whitening_bias(epoch <= params.optim.whiten_bias_epochs)
                 if batches is None:
                     batches = iter(loader.epoch(epoch))   # the first epoch of this process: starts the workers
                 with tqdm(total=len(loader), desc=f"epoch {epoch}/{train.epochs}", leave=False,

@@ -8,7 +8,7 @@ hard-codes a module path.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch.nn as nn
 
@@ -19,18 +19,19 @@ class ModelSpec:
     factory: Callable[..., nn.Module]
     cam_layer: str      # dotted path of the module whose activations Grad-CAM uses
     source: str         # which seed write-up the architecture reproduces
+    whitening: Optional[str] = None   # dotted path of a frozen whitening conv whose bias trains (optim.whiten_bias_epochs)
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
-def register_model(name: str, *, cam_layer: str, source: str):
+def register_model(name: str, *, cam_layer: str, source: str, whitening: Optional[str] = None):
     """Decorator: register `factory(num_classes=10, dropout=0.0) -> nn.Module` under `name`."""
 
     def wrap(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"model `{name}` is registered twice")
-        _REGISTRY[name] = ModelSpec(name, factory, cam_layer, source)
+        _REGISTRY[name] = ModelSpec(name, factory, cam_layer, source, whitening)
         return factory
 
     return wrap

@@ -42,6 +42,11 @@ class Classifier(nn.Module):
     def cam_layer(self) -> nn.Module:
         return self.net.get_submodule(model_spec(self.arch).cam_layer)
 
+    def train_whitening_bias(self, trainable: bool) -> None:
+        """Let the whitening conv's bias (registry `whitening`) train, or freeze it: a frozen one gets no
+        gradient, so nothing before the first conv group needs one and its input gradient is skipped."""
+        self.net.get_submodule(model_spec(self.arch).whitening).bias.requires_grad_(trainable)
+
     @property
     def needs_data_init(self) -> bool:
         """Whether the network sets some weights from training images (e.g. fast_net's whitening)."""
