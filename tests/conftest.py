@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -15,6 +16,16 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    """Ctrl-C as in a terminal. A pytest started in the background of a script (`pytest &`, nohup)
+    inherits SIGINT ignored, and every process the tests start would inherit that too (Python keeps
+    an ignored SIGINT ignored), so the Ctrl-C tests could not reach a trainer. Catching it here gives
+    the children the default disposition again."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 # Small enough for a 2-core CPU, big enough that the custom ResNet learns the synthetic set.
 TINY = {
