@@ -4,6 +4,7 @@ tiny synthetic settings, a runner for stage scripts, and temporary git + DVC cop
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import shutil
 import signal
@@ -43,9 +44,22 @@ def merge(base: dict, override: dict) -> dict:
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _default_composition() -> str:
+    from cifarlab.compose import compose_text
+
+    return compose_text(conf=REPO / "conf")
+
+
+def default_composition() -> dict:
+    """The default preset's params as conf/ composes them: what the committed params.yaml holds
+    (test_presets checks that), whatever the last `dvc exp run` left in this checkout's params.yaml."""
+    return yaml.safe_load(_default_composition())
+
+
 @pytest.fixture
 def default_params() -> dict:
-    return yaml.safe_load((REPO / "params.yaml").read_text())
+    return default_composition()
 
 
 @pytest.fixture
@@ -185,7 +199,7 @@ def make_repo(tmp_path: Path, override: dict) -> Path:
         else:
             (work / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, work / name)
-    write_params(work, merge(yaml.safe_load((REPO / "params.yaml").read_text()), override))
+    write_params(work, merge(default_composition(), override))
     add_overrides_to_conf(work, override)
     run(["git", "init", "-q"], work)
     run(["git", "config", "user.email", "test@example.com"], work)
