@@ -29,6 +29,18 @@ def test_uniform_is_a_function_of_seed_epoch_index_and_stream():
         assert (other != draws).float().mean() > 0.99
 
 
+def test_uniform_draws_stay_what_they_were():
+    """Pinned draws (made while the key was still mixed on the device): where the key is mixed must not
+    change any image's augmentation, or a resumed run would see other batches than it started with."""
+    indices = torch.tensor([0, 1, 7, 49999, 123456789])
+    expected = {(1, 2, 0): [0.4123714566230774, 0.1534571647644043, 0.4974924325942993, 0.03031468391418457,
+                            0.09292566776275635],
+                (12345, 11, 5): [0.3442152738571167, 0.4279314875602722, 0.9315598607063293, 0.017709672451019287,
+                                 0.9816768765449524]}
+    for (seed, epoch, stream), values in expected.items():
+        assert uniform(seed, epoch, indices, stream).tolist() == values
+
+
 def test_no_augmentation_is_the_identity():
     assert torch.equal(augment()(IMAGES, INDICES, seed=0, epoch=0), IMAGES)
 

@@ -20,6 +20,7 @@ as on the per-image path.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +47,9 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
 def uniform(seed: int, epoch: int, indices: torch.Tensor, stream: int) -> torch.Tensor:
     """A float in [0, 1) per index, a pure function of (seed, epoch, index, stream)."""
     key = ((seed * 1_000_003 + epoch) * 8 + stream) & _MASK63
-    x = _mix(indices.to(torch.int64) * 0x2545F4914F6CDD1D + _mix(torch.tensor(key, device=indices.device)))
+    # The key is mixed on the host (`_mix` is the same on Python ints): a key tensor made on a GPU would be a
+    # copy from the host that waits for every step queued before it, once per draw.
+    x = _mix(indices.to(torch.int64) * 0x2545F4914F6CDD1D + _mix(key))
     return (x & ((1 << 24) - 1)).to(torch.float32) / float(1 << 24)
 
 
@@ -55,6 +58,12 @@ def _reflect(position: torch.Tensor, size: int) -> torch.Tensor:
     period = 2 * (size - 1)
     position = position.remainder(period)
     return torch.where(position >= size, period - position, position)
+
+
+@functools.lru_cache(maxsize=None)
+def _fill(channels: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The mean colour [1, C, 1, 1] on `device`, made once per device (each copy to a GPU waits for it)."""
+    return torch.tensor(MEAN_UINT8[:channels], dtype=dtype, device=device).view(1, channels, 1, 1)
 
 
 @dataclass(frozen=True)
@@ -98,9 +107,8 @@ class BatchAugment:
         out = images[torch.arange(batch, device=device)[:, None, None, None],
                      torch.arange(channels, device=device)[None, :, None, None],
                      rows[:, None, :, None], cols[:, None, None, :]]
-        fill = torch.tensor(MEAN_UINT8[:channels], dtype=images.dtype, device=device).view(1, channels, 1, 1)
         if outside is not None:
-            out = torch.where(outside[:, None], fill, out)
+            out = torch.where(outside[:, None], _fill(channels, images.dtype, device), out)
         if self.cutout_size > 0 and self.cutout_p > 0:
             side = min(self.cutout_size, height, width)
             apply = uniform(seed, epoch, indices, _CUT) < self.cutout_p
@@ -111,5 +119,5 @@ class BatchAugment:
             in_rows = (y >= top[:, None]) & (y < top[:, None] + side)
             in_cols = (x >= left[:, None]) & (x < left[:, None] + side)
             hole = (in_rows[:, :, None] & in_cols[:, None, :]) & apply[:, None, None]
-            out = torch.where(hole[:, None], fill, out)
+            out = torch.where(hole[:, None], _fill(channels, images.dtype, device), out)
         return out

@@ -211,9 +211,13 @@ class _DeviceEpoch:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         loader = self.loader
-        loader.sampler.epoch = self.number
-        for batch in loader.sampler:
-            indices = torch.tensor(batch, device=loader.images.device)
+        batches = list(loader.sampler.batches(self.number))
+        # The epoch's indices reach the device in one copy: a copy per batch would make the host wait
+        # for the previous step on a GPU every time, and the device would idle while the host queues the next.
+        order = torch.tensor([index for batch in batches for index in batch])
+        if loader.images.device.type == "cuda":
+            order = order.pin_memory().to(loader.images.device, non_blocking=True)
+        for indices in torch.split(order, [len(batch) for batch in batches]):
             yield loader.augment(loader.images[indices], indices, loader.seed, self.number), loader.labels[indices]
 
 
