@@ -1,3 +1,4 @@
+import dataclasses
 import itertools
 
 import numpy as np
@@ -82,6 +83,16 @@ def test_steps_in_words_are_the_steps_built(default_params, pad, hflip, cutout_s
     assert ("flip" in " ".join(words)) == ("HorizontalFlip" in built)
     assert ("cutout" in " ".join(words)) == ("CoarseDropout" in built)
     assert params.describe().startswith("none (") == (not built)
+
+
+def test_an_alternating_flip_is_described_as_one(default_params):
+    """The batch path's alternate_flip flips every image in every other epoch: the report must not call
+    that a flip with probability hflip."""
+    random_flip = augment_params(default_params, pad=2, hflip=0.5, cutout_size=0, cutout_p=0.0)
+    alternating = dataclasses.replace(random_flip, alternate_flip=True, path="batch")
+    assert "horizontal flip (p 0.5)" in random_flip.describe()
+    assert alternating.describe() == ("pad 2 (reflect) + random 32x32 crop, then horizontal flip of each image in "
+                                      "every other epoch (alternate_flip)")
 
 
 def test_preview_images_are_one_per_class_first():

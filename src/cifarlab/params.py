@@ -219,7 +219,9 @@ class AugmentParams:
         steps = []
         if self.crops:
             steps.append(f"pad {self.pad} ({self.pad_mode}) + random {IMAGE_SIDE}x{IMAGE_SIDE} crop")
-        if self.flips:
+        if self.flips and self.alternate_flip:
+            steps.append("horizontal flip of each image in every other epoch (alternate_flip)")
+        elif self.flips:
             steps.append(f"horizontal flip (p {self.hflip:g})")
         if self.cuts_out:
             steps.append(f"{self.cutout_size}x{self.cutout_size} cutout (p {self.cutout_p:g})")
