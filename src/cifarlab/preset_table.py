@@ -81,8 +81,6 @@ def _schedule(p: Params) -> str:
 def _augmentation(p: Params) -> str:
     a = p.augment
     text = ", then ".join(a.steps()) or "none"
-    if a.flips and a.alternate_flip:
-        text += " (alternating epochs)"
     if a.path == "batch":
         text += ", on the device"
     dropout = f"{p.model.dropout:g}" if p.model.dropout else "none"
