@@ -45,21 +45,28 @@ def merge(base: dict, override: dict) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def _default_composition() -> str:
+def _composed_text(overrides: tuple[str, ...]) -> str:
     from cifarlab.compose import compose_text
 
-    return compose_text(conf=REPO / "conf")
+    return compose_text(list(overrides), REPO / "conf")
 
 
-def default_composition() -> dict:
-    """The default preset's params as conf/ composes them: what the committed params.yaml holds
-    (test_presets checks that), whatever the last `dvc exp run` left in this checkout's params.yaml."""
-    return yaml.safe_load(_default_composition())
+def composed_text(overrides: list[str] = ()) -> str:
+    """params.yaml as `dvc exp run -S <overrides>` writes it from this checkout's conf/ (composed once
+    per session and overrides: conf/ does not change while the tests run)."""
+    return _composed_text(tuple(overrides))
+
+
+def composed(overrides: list[str] = ()) -> dict:
+    """The params `dvc exp run -S <overrides>` would run, as a fresh dict. With no overrides, the default
+    preset's: what the committed params.yaml holds (test_presets checks that), whatever the last
+    `dvc exp run` left in this checkout's params.yaml."""
+    return yaml.safe_load(composed_text(overrides))
 
 
 @pytest.fixture
 def default_params() -> dict:
-    return default_composition()
+    return composed()
 
 
 @pytest.fixture
@@ -199,7 +206,7 @@ def make_repo(tmp_path: Path, override: dict) -> Path:
         else:
             (work / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, work / name)
-    write_params(work, merge(default_composition(), override))
+    write_params(work, merge(composed(), override))
     add_overrides_to_conf(work, override)
     run(["git", "init", "-q"], work)
     run(["git", "config", "user.email", "test@example.com"], work)

@@ -11,17 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
-from cifarlab import compose as composition
 from cifarlab.models.classifier import Classifier
 from cifarlab.params import ParamsError, parse_params
 from cifarlab.schedule import build_optimizer
-from conftest import REPO, TINY, copy_code, merge, run, write_params
+from conftest import TINY, composed, copy_code, merge, run, write_params
 
 
 def fast() -> dict:
-    return yaml.safe_load(composition.compose_text(["preset=fast"], REPO / "conf"))
+    return composed(["preset=fast"])
 
 
 def test_fast_preset_is_airbench94s_recipe_for_the_mean_loss():

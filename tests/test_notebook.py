@@ -16,10 +16,8 @@ from pathlib import Path
 
 import nbformat
 import pytest
-import yaml
 
-from cifarlab.compose import compose_text
-from conftest import COPIED, REPO, run
+from conftest import COPIED, REPO, composed, run
 
 NOTEBOOK = REPO / "notebooks" / "quickstart.ipynb"
 CHOICES = {"PRESET", "COMPARE_WITH", "BUDGET", "DATA", "REPO_URL"}
@@ -114,7 +112,7 @@ def test_quickstart_runs_top_to_bottom_on_the_cpu(tmp_path, monkeypatch):
     assert "quick" in markdown and "synthetic" in markdown   # with their budget and data source
     images = [data for _, rich in cells for data in rich.get("image/png", [])]
     assert len(images) == 2                                # training curves and confusion matrix
-    title = yaml.safe_load(compose_text([f"preset={defaults['PRESET']}"], REPO / "conf"))["report"]["title"]
+    title = composed([f"preset={defaults['PRESET']}"])["report"]["title"]
     shown_report = next(data for _, rich in cells for data in rich.get("text/markdown", []) if title in data)
     assert "data:image/png;base64," in shown_report and "](figures/" not in shown_report   # figures inlined
 

@@ -18,10 +18,10 @@ import sys
 import pytest
 import yaml
 
-from cifarlab import compose as composition
 from cifarlab.compose import PARAMS_HEADER, body, params_text, uncommented
 from cifarlab.lr_rules import RULES
 from conftest import PRESET_A_MAX_LR, REPO, TINY_RUN, exp_rows, make_repo, ran_stages, run
+from conftest import composed as compose, composed_text as compose_text   # this checkout's conf/
 
 CONF = REPO / "conf"
 DEFAULT_PRESET = "assignment10"
@@ -59,15 +59,6 @@ def test_a_recipe_key_a_preset_leaves_unset_is_one_clear_line(tmp_path):
     raw["train"]["epochs"] = "???"          # what Hydra writes for a `???` no preset filled in
     with pytest.raises(ParamsError, match=r"params key `train.epochs` has no value \(`\?\?\?`\): .*conf/preset/"):
         parse_params(raw)
-
-def compose_text(overrides: list[str] = ()) -> str:
-    """params.yaml as `dvc exp run -S <overrides>` writes it in this repo."""
-    return composition.compose_text(overrides, CONF)
-
-
-def compose(overrides: list[str] = ()) -> dict:
-    return yaml.safe_load(compose_text(overrides))
-
 
 # --- composition ------------------------------------------------------------------------------
 
