@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cifarlab.loaders import iterate_batches, ResidentBatches, train_loader
+from cifarlab.loaders import GlobalBatchSampler, iterate_batches, ResidentBatches, train_loader
 from cifarlab.params import parse_params
 from cifarlab.runtime import Runtime
 from cifarlab.sources import make_synthetic
@@ -118,3 +118,28 @@ def test_resident_batches_are_the_plain_batches_every_pass(split):
         assert_same(list(resident), plain)
     images, _ = next(iter(resident))
     assert images.shape == (32, 3, 32, 32) and images.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("path", ["per_image", "batch"])
+def test_drop_last_ends_every_epoch_on_a_full_batch(split, augment, path):
+    """train.drop_last: 80 images in batches of 32 give 2 full batches (the 16 left over wait for the
+    next shuffle), from the same shuffle as without it; on both augmentation paths."""
+    runtime = cpu_runtime(0)
+    kept = train_loader(split, augment, 32, SEED, runtime, path=path)
+    dropped = train_loader(split, augment, 32, SEED, runtime, path=path, drop_last=True)
+    try:
+        assert (len(kept), len(dropped)) == (3, 2)
+        for epoch in (1, 2):
+            full, short = batches_of(kept.epoch(epoch)), batches_of(dropped.epoch(epoch))
+            assert [len(labels) for _, labels in short] == [32, 32]
+            assert_same(short, full[:2])
+    finally:
+        for loader in (kept, dropped):
+            getattr(loader, "close", lambda: None)()
+
+
+def test_drop_last_in_a_distributed_run_drops_the_same_global_batch():
+    single = list(GlobalBatchSampler(100, 32, seed=3, drop_last=True))
+    shards = [list(GlobalBatchSampler(100, 32, seed=3, rank=r, world_size=2, drop_last=True)) for r in range(2)]
+    assert len(single) == 3 and all(len(batch) == 32 for batch in single)
+    assert [a + b for a, b in zip(*shards)] == single

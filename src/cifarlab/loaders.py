@@ -58,15 +58,17 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
     distributed run sees the same global batches as a single-process run of the same batch size.
     """
 
-    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 drop_last: bool = False):
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.rank, self.world_size = rank, world_size
+        self.drop_last = drop_last
         self.epoch = 0
 
     def __len__(self) -> int:
         full, rest = divmod(self.size, self.batch_size)
         # A last batch too small to give every process an image is dropped (distributed runs only).
-        return full + (1 if rest >= self.world_size else 0)
+        return full + (1 if rest >= self.world_size and not self.drop_last else 0)
 
     def __iter__(self):
         return self.batches(self.epoch)
@@ -108,9 +110,9 @@ class EpochLoader:
     """
 
     def __init__(self, dataset: ImageDataset, batch_size: int, seed: int, num_workers: int, pin_memory: bool,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, drop_last: bool = False):
         self.dataset = dataset
-        self.sampler = GlobalBatchSampler(len(dataset), batch_size, seed, rank, world_size)
+        self.sampler = GlobalBatchSampler(len(dataset), batch_size, seed, rank, world_size, drop_last)
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         dataset.seed = seed
@@ -164,18 +166,20 @@ def iterate_batches(split: Split, batch_size: int) -> Iterator[tuple[torch.Tenso
 
 
 def train_loader(split: Split, augment: AugmentParams, batch_size: int, seed: int, runtime: Runtime,
-                 rank: int = 0, world_size: int = 1, path: Optional[str] = None) -> "EpochLoader | DeviceBatchLoader":
+                 rank: int = 0, world_size: int = 1, path: Optional[str] = None, drop_last: bool = False
+                 ) -> "EpochLoader | DeviceBatchLoader":
     """The augmented (`augment` params), shuffled training loader for the device, on `path` ("batch" or
     "per_image"; by default the one `augment_path` chooses); in a distributed run, this process's
-    share of every global batch."""
+    share of every global batch; with `drop_last`, no epoch ends on a smaller batch."""
     if batch_size > len(split):
         raise CifarlabError(f"train.batch_size is {batch_size}; allowed: at most the training split size "
                             f"({len(split)})")
     if (path or augment_path(augment, runtime)[0]) == "batch":
         return DeviceBatchLoader(split, BatchAugment.from_params(augment), batch_size, seed, runtime.device,
-                                 rank, world_size)
+                                 rank, world_size, drop_last)
     return EpochLoader(ImageDataset(split, build_train_transform(augment)), batch_size, seed, runtime.num_workers,
-                       pin_memory=runtime.device.type == "cuda", rank=rank, world_size=world_size)
+                       pin_memory=runtime.device.type == "cuda", rank=rank, world_size=world_size,
+                       drop_last=drop_last)
 
 
 class DeviceBatchLoader:
@@ -187,12 +191,12 @@ class DeviceBatchLoader:
     """
 
     def __init__(self, split: Split, augment: BatchAugment, batch_size: int, seed: int, device: torch.device,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, drop_last: bool = False):
         self.images = torch.from_numpy(split.images).to(device).permute(0, 3, 1, 2)   # a view: NCHW over NHWC
         self.labels = torch.from_numpy(split.labels).to(device)
         self.augment = augment
         self.seed = seed
-        self.sampler = GlobalBatchSampler(len(split), batch_size, seed, rank, world_size)
+        self.sampler = GlobalBatchSampler(len(split), batch_size, seed, rank, world_size, drop_last)
 
     def __len__(self) -> int:
         return len(self.sampler)

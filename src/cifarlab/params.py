@@ -275,6 +275,7 @@ class TrainParams:
     cycle_momentum: bool = key(boolean)
     seed: int = key(any_int)
     diverge_factor: float = key(float_at_least(1.0))
+    drop_last: bool = key(boolean)
 
 
 @dataclass(frozen=True)

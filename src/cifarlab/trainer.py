@@ -184,7 +184,7 @@ def fit(params: Params, dataset: Dataset, runtime: Runtime, world: Distributed =
     seed_everything(train.seed + world.rank, params.runtime.deterministic)
     augmentation, augmentation_reason = augment_path(params.augment, runtime)
     loader = train_loader(dataset.train, params.augment, train.batch_size, train.seed,
-                          runtime, world.rank, world.world_size, path=augmentation)
+                          runtime, world.rank, world.world_size, path=augmentation, drop_last=train.drop_last)
     net = build_model(params.model, runtime, len(dataset.classes), dataset.train.images)
     model = net
     if world.enabled:

@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from cifarlab.models import register_model
+from cifarlab.models.conv import Conv2d
 
 
 def relu_bn(*convs: nn.Module, c_out: int, dropout: float = 0.0) -> nn.Sequential:
@@ -44,14 +45,14 @@ def relu_bn(*convs: nn.Module, c_out: int, dropout: float = 0.0) -> nn.Sequentia
 
 def conv_block(c_in: int, c_out: int, dropout: float = 0.0, dilation: int = 1) -> nn.Sequential:
     """conv 3x3 (padding keeps the size, no bias) -> ReLU -> BN [-> dropout]."""
-    conv = nn.Conv2d(c_in, c_out, 3, padding=dilation, dilation=dilation, bias=False)
+    conv = Conv2d(c_in, c_out, 3, padding=dilation, dilation=dilation, bias=False)
     return relu_bn(conv, c_out=c_out, dropout=dropout)
 
 
 def separable_block(c_in: int, c_out: int, dropout: float = 0.0) -> nn.Sequential:
     """depthwise conv 3x3 -> pointwise conv 1x1 -> ReLU -> BN [-> dropout]."""
-    depthwise = nn.Conv2d(c_in, c_in, 3, padding=1, groups=c_in, bias=False)
-    pointwise = nn.Conv2d(c_in, c_out, 1, bias=False)
+    depthwise = Conv2d(c_in, c_in, 3, padding=1, groups=c_in, bias=False)
+    pointwise = Conv2d(c_in, c_out, 1, bias=False)
     return relu_bn(depthwise, pointwise, c_out=c_out, dropout=dropout)
 
 

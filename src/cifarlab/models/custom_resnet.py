@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from cifarlab.models import register_model
+from cifarlab.models.conv import Conv2d
 
 
 def conv_bn_relu(c_in: int, c_out: int, pool: bool = False, dropout: float = 0.0, *,
@@ -27,7 +28,7 @@ def conv_bn_relu(c_in: int, c_out: int, pool: bool = False, dropout: float = 0.0
     go to the conv; `pool_kernel` 3 gives the overlapping MaxPool2d(3, stride 2, padding 1). The
     pool always has stride 2; the defaults reproduce the plain MaxPool2d(2) above exactly.
     """
-    layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 3, padding=padding, bias=bias)]
+    layers: list[nn.Module] = [Conv2d(c_in, c_out, 3, padding=padding, bias=bias)]
     if pool:
         layers.append(nn.MaxPool2d(pool_kernel, stride=2, padding=(pool_kernel - 1) // 2))
     layers += [nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]

@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 
 from cifarlab.models import register_model
+from cifarlab.models.conv import Conv2d
 from cifarlab.models.custom_resnet import conv_bn_relu
 
 
@@ -53,7 +54,7 @@ class ResBlock(nn.Module):
     def __init__(self, channels: int, dropout: float = 0.0):
         super().__init__()
         self.conv1 = a8_conv(channels, channels, dropout=dropout)
-        self.conv2 = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=True),
+        self.conv2 = nn.Sequential(Conv2d(channels, channels, 3, padding=1, bias=True),
                                    nn.BatchNorm2d(channels))
         self.relu = nn.ReLU(inplace=True)
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from cifarlab.models import register_model
+from cifarlab.models.conv import Conv2d
 
 WIDTHS = (64, 256, 256)
 WHITEN_CHANNELS = 24          # 12 eigenvectors of the 3 x 2 x 2 patch covariance, and their negatives
@@ -40,8 +41,8 @@ def _batch_norm(channels: int) -> nn.BatchNorm2d:
     return norm
 
 
-def _conv(c_in: int, c_out: int) -> nn.Conv2d:
-    conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+def _conv(c_in: int, c_out: int) -> Conv2d:
+    conv = Conv2d(c_in, c_out, 3, padding=1, bias=False)
     with torch.no_grad():
         nn.init.dirac_(conv.weight[:c_in])   # identity on the first c_in output channels
     return conv
@@ -60,7 +61,7 @@ class ConvGroup(nn.Sequential):
 class FastNet(nn.Module):
     def __init__(self, num_classes: int = 10, dropout: float = 0.0):
         super().__init__()
-        self.whiten = nn.Conv2d(3, WHITEN_CHANNELS, 2, padding=0, bias=True)
+        self.whiten = Conv2d(3, WHITEN_CHANNELS, 2, padding=0, bias=True)
         self.whiten.weight.requires_grad_(False)
         self.act = nn.GELU()
         groups, c_in = [], WHITEN_CHANNELS

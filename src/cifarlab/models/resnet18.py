@@ -24,18 +24,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cifarlab.models import register_model
+from cifarlab.models.conv import Conv2d
 
 
 class BasicBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, stride: int = 1, dropout: float = 0.0):
         super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.conv1 = Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.conv2 = Conv2d(c_out, c_out, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
         self.shortcut = nn.Sequential()
         if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False),
+            self.shortcut = nn.Sequential(Conv2d(c_in, c_out, 1, stride=stride, bias=False),
                                           nn.BatchNorm2d(c_out))
         self.drop = nn.Dropout(dropout) if dropout > 0 else None
 
@@ -48,7 +49,7 @@ class BasicBlock(nn.Module):
 class ResNet18(nn.Module):
     def __init__(self, num_classes: int = 10, dropout: float = 0.0):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 3, padding=1, bias=False)
+        self.conv1 = Conv2d(3, 64, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.layer1 = self._stage(64, 64, 1, dropout)      # [N, 64, 32, 32]
         self.layer2 = self._stage(64, 128, 2, dropout)     # [N, 128, 16, 16]
