@@ -61,7 +61,7 @@ from cifarlab.loaders import augment_path, iterate_batches, train_loader  # noqa
 from cifarlab.loops import DivergenceGuard, evaluate, train_one_epoch  # noqa: E402
 from cifarlab.models import create_model  # noqa: E402
 from cifarlab.models.classifier import build_model  # noqa: E402
-from cifarlab.params import Params, apply_overrides, parse_params, read_yaml  # noqa: E402
+from cifarlab.params import FIND, Params, apply_overrides, parse_params, read_yaml  # noqa: E402
 from cifarlab.runtime import cpu_supports_bf16, Runtime, seed_everything, select_runtime, to_device  # noqa: E402
 from cifarlab.schedule import build_optimizer, build_scheduler, onecycle_for  # noqa: E402
 from cifarlab.sources import make_synthetic  # noqa: E402
@@ -104,7 +104,7 @@ def bench_max_lr(params: Params) -> tuple[float, str]:
     """The OneCycle peak the train stage would use, resolved by the trainer's own `resolve_max_lr`
     from the repository root, and where it came from; when train.max_lr is `find` and there is no
     usable lr_find output, FALLBACK_MAX_LR, labelled as such."""
-    if params.train.max_lr != "find":
+    if params.train.max_lr != FIND:
         return resolve_max_lr(params.train.max_lr), "params (train.max_lr)"
     try:
         with working_directory(REPO):
@@ -212,12 +212,11 @@ class PipelinePath(TimedPath):
                               params.train.seed, runtime)
         self.model = build_model(params.model, runtime, len(dataset.classes), dataset.train.images)
         self.trained = torch.compile(self.model) if compile_model else self.model
-        max_lr = float(params.train.max_lr)   # resolved in main (bench_max_lr)
-        self.optimizer = build_optimizer(self.trained, params.optim, lr=max_lr / params.train.div_factor)
         # The real run's OneCycle: epochs x the loader's real length (for synthetic data, the
         # benchmark's own length), so the timed batches sit at the start of the real schedule.
-        self.scheduler = build_scheduler(self.optimizer, onecycle_for(params.train, len(loader), max_lr),
-                                         params.train.cycle_momentum)
+        cycle = onecycle_for(params.train, len(loader), float(params.train.max_lr))   # max_lr resolved in main
+        self.optimizer = build_optimizer(self.trained, params.optim, lr=cycle.start_lr)
+        self.scheduler = build_scheduler(self.optimizer, cycle, params.train.cycle_momentum)
         self.guard = DivergenceGuard(params.train.diverge_factor, runtime.device)
         self.lrs: list[float] = []
         self.iterator = iter(loader.epoch(1))

@@ -28,6 +28,20 @@ def pytest_configure(config):
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+# Session fixtures that build a pipeline repo: every test that needs one runs in the same xdist
+# worker, so each repo is built once per run however the tests are spread.
+SHARED_REPOS = ("preset_runs", "tiny_repo")
+
+
+def pytest_collection_modifyitems(config, items):
+    """pytest-xdist (`-n`, `--dist loadgroup` in pyproject.toml) hands out whole groups: the tests of
+    one shared repo together, and otherwise the tests of one module (whose module fixtures build
+    repos too). Without xdist the marks do nothing."""
+    for item in items:
+        shared = [name for name in SHARED_REPOS if name in item.fixturenames]
+        item.add_marker(pytest.mark.xdist_group(shared[0] if shared else item.module.__name__))
+
+
 # Small enough for a 2-core CPU, big enough that the custom ResNet learns the synthetic set.
 TINY = {
     "data": {"source": "synthetic", "synthetic_train_size": 512, "synthetic_test_size": 200},

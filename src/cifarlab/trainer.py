@@ -192,10 +192,10 @@ def fit(params: Params, dataset: Dataset, runtime: Runtime, world: Distributed =
         model = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[world.local_rank] if runtime.device.type == "cuda" else None,
             find_unused_parameters=params.optim.whiten_bias_epochs is not None)
-    optimizer = build_optimizer(model, params.optim, lr=max_lr / train.div_factor)
+    cycle = onecycle_for(train, len(loader), max_lr)
+    optimizer = build_optimizer(model, params.optim, lr=cycle.start_lr)
     # The compiled module shares `net`'s parameters: evaluation, state and checkpoint use `net` itself.
     trained = torch.compile(model) if runtime.compile else model
-    cycle = onecycle_for(train, len(loader), max_lr)
     scheduler = build_scheduler(optimizer, cycle, train.cycle_momentum)
     scaler = torch.amp.GradScaler("cuda") if runtime.needs_grad_scaler() else None
     guard = DivergenceGuard(train.diverge_factor, runtime.device, divergence_advice(chosen))
