@@ -26,6 +26,11 @@ def pytest_configure(config):
     the children the default disposition again."""
     if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    # Under pytest-xdist each worker (and every process its tests start) gets its share of the cores:
+    # two workers each running torch on every core spin against each other and run several times slower.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
 
 
 # Session fixtures that build a pipeline repo: every test that needs one runs in the same xdist
@@ -33,6 +38,7 @@ def pytest_configure(config):
 SHARED_REPOS = ("preset_runs", "tiny_repo")
 
 
+@pytest.hookimpl(tryfirst=True)       # before xdist's own hook reads the marks
 def pytest_collection_modifyitems(config, items):
     """pytest-xdist (`-n`, `--dist loadgroup` in pyproject.toml) hands out whole groups: the tests of
     one shared repo together, and otherwise the tests of one module (whose module fixtures build
