@@ -33,21 +33,6 @@ def pytest_configure(config):
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
 
 
-# Session fixtures that build a pipeline repo: every test that needs one runs in the same xdist
-# worker, so each repo is built once per run however the tests are spread.
-SHARED_REPOS = ("preset_runs", "tiny_repo")
-
-
-@pytest.hookimpl(tryfirst=True)       # before xdist's own hook reads the marks
-def pytest_collection_modifyitems(config, items):
-    """pytest-xdist (`-n`, `--dist loadgroup` in pyproject.toml) hands out whole groups: the tests of
-    one shared repo together, and otherwise the tests of one module (whose module fixtures build
-    repos too). Without xdist the marks do nothing."""
-    for item in items:
-        shared = [name for name in SHARED_REPOS if name in item.fixturenames]
-        item.add_marker(pytest.mark.xdist_group(shared[0] if shared else item.module.__name__))
-
-
 # Small enough for a 2-core CPU, big enough that the custom ResNet learns the synthetic set.
 TINY = {
     "data": {"source": "synthetic", "synthetic_train_size": 512, "synthetic_test_size": 200},
