@@ -30,7 +30,7 @@ def _weight_grad(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     (height, width), c_in, c_out = x.shape[-2:], x.shape[1], grad.shape[1]
     shifted = F.pad(x, (1, 1, 1, 1)).permute(0, 2, 3, 1)                  # N, H+2, W+2, in
     grad_t = grad.permute(1, 0, 2, 3).reshape(c_out, -1)                  # out, N*H*W in (n, y, x) order
-    taps = grad.new_empty(c_out, 3, 3, c_in)                              # [out, in, 3, 3] in channels_last order
+    taps = grad.new_empty(c_out, 3, 3, c_in)                              # the weight's channels_last layout
     for i in range(3):
         for j in range(3):
             taps[:, i, j] = grad_t @ shifted[:, i:i + height, j:j + width, :].reshape(-1, c_in)
