@@ -484,7 +484,7 @@ def augmentation(s: RunSummary, figures: Path) -> str:
 
 @section("LR range test")
 def lr_range_test(s: RunSummary, figures: Path) -> str:
-    found, train = s.lr_find, s.train
+    found = s.lr_find
     save_figure(lr_find_figure(*s.finder_curve, found["suggestions"], found["rule"], found["loss_minimum_lr"],
                                found["window"], s.max_lr, s.from_find), figures / "lr_find.png", dpi=120)
     rows = [[f"`{rule}`", f"{lr:.3e}", "`lr_find.rule`" if rule == found["rule"] else ""]
@@ -501,7 +501,7 @@ def lr_range_test(s: RunSummary, figures: Path) -> str:
         f"`{found['rule']}` rule (`lr_find.rule`) suggests **{found['max_lr']:.3e}**; the loss minimum at "
         f"{found['loss_minimum_lr']:.3e} is never used (training there diverges). Training used "
         f"**{s.max_lr:.3e}** ({'from lr_find' if s.from_find else 'set in params'}), start LR "
-        f"{s.max_lr / train['div_factor']:.3e} = max / `train.div_factor`.",
+        f"{s.lrs[0]:.3e} (the first batch's: max / `train.div_factor`).",
         _table(["rule", "max LR", ""], rows),
         _image("LR range test: loss against learning rate, each rule's suggestion and the LR used", "lr_find.png")])
 
