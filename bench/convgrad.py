@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from cifarlab.models.conv import SMALL_MAP, _weight_grad  # noqa: E402
+from cifarlab.models.conv import SMALL_MAP, _weight_grad, takes_matmuls, torch_backward  # noqa: E402
 
 # (in, out, side): fast_net's four 3x3 shapes after its first two, the custom ResNets' 4x4 and 8x8
 # layers, and sizes in between to place the threshold.
@@ -51,10 +51,9 @@ def main(argv=None) -> None:
                 memory_format=torch.channels_last)
         x, grad = tensor(c_in), tensor(c_out)
         weight = torch.randn(c_out, c_in, 3, 3, dtype=dtype).to(memory_format=torch.channels_last)
-        onednn = _milliseconds(lambda: torch.ops.aten.convolution_backward(
-            grad, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False]), args.repeats)
+        onednn = _milliseconds(lambda: torch_backward(grad, x, weight, (False, True, False)), args.repeats)
         matmul = _milliseconds(lambda: _weight_grad(x, grad), args.repeats)
-        used = "matmul" if side * side <= SMALL_MAP else "onednn"
+        used = "matmul" if takes_matmuls(side, side) else "onednn"
         print(f"{c_in:>4} {c_out:>4} {side:>2}x{side:<2} {onednn:>10.1f} {matmul:>10.1f} {onednn / matmul:>6.2f}  {used}",
               flush=True)
 

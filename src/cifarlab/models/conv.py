@@ -3,14 +3,13 @@ weight gradient on small CPU feature maps as nine matrix products instead of one
 
 On small maps oneDNN's bf16 weight gradient is several times slower than the forward pass of the same
 layer (256->256 at 3x3, batch 1024: 0.2 TFLOP/s, where a large bf16 matmul runs at 1.7 on the same two
-cores). The
-same gradient is the sum over the nine kernel taps of grad_out^T @ (the input shifted by that tap),
-each a plain [out, N*H*W] x [N*H*W, in] product. Measured on a 2-core Xeon with AMX (bf16,
+cores). The same gradient is the sum over the nine kernel taps of grad_out^T @ (the input shifted by
+that tap), each a plain [out, N*H*W] x [N*H*W, in] product. Measured on a 2-core Xeon with AMX (bf16,
 channels_last, batch 1024, `python bench/convgrad.py`, ms per batch): 256->256 at 3x3 56.8 -> 15.9,
 at 4x4 68.3 -> 28.0, at 5x5 73.1 -> 41.5; 512->512 at 4x4 351.9 -> 94.6; at 7x7 (92.0 -> 142.7) and
-8x8 (128->128: 30.8 -> 44.2) the shifted copies cost more than they save. So the
-matrix products are used for maps of at most `SMALL_MAP` pixels on the CPU, and everything else (the
-forward pass, the input gradient, larger maps, other geometries, CUDA) is torch's own convolution.
+8x8 (128->128: 30.8 -> 44.2) the shifted copies cost more than they save. So the matrix products are
+used for maps of at most `SMALL_MAP` pixels on the CPU, and everything else (the forward pass, the
+input gradient, larger maps, other geometries, CUDA) is torch's own convolution.
 A drop-in: same arguments, parameters, state_dict and name in model summaries as `nn.Conv2d`; the
 gradient is the same sum, rounded in a different order. The models build every conv from it.
 """
@@ -22,6 +21,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 SMALL_MAP = 25          # pixels (height x width) up to which the CPU weight gradient is nine matmuls
+
+
+def takes_matmuls(height: int, width: int) -> bool:
+    """Whether a 3x3 conv on a CPU map of this size computes its weight gradient as nine matmuls."""
+    return height * width <= SMALL_MAP
+
+
+def torch_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                   output_mask: tuple[bool, bool, bool]) -> tuple:
+    """torch's own backward of a 3x3, stride 1, padding 1 convolution without bias: (d input,
+    d weight, d bias), each computed only where `output_mask` says."""
+    return torch.ops.aten.convolution_backward(grad, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                                               list(output_mask))
 
 
 def _weight_grad(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -48,8 +60,7 @@ class _SmallMapConv(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.aten.convolution_backward(
-                grad, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, False, False])[0]
+            grad_x = torch_backward(grad, x, weight, (True, False, False))[0]
         if ctx.needs_input_grad[1]:
             grad_w = _weight_grad(x, grad)
         return grad_x, grad_w
@@ -65,7 +76,7 @@ class Conv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self._three_by_three and x.device.type == "cpu" and self.weight.requires_grad
-                and torch.is_grad_enabled() and x.shape[-2] * x.shape[-1] <= SMALL_MAP):
+                and torch.is_grad_enabled() and takes_matmuls(*x.shape[-2:])):
             return super().forward(x)
         weight = self.weight
         if torch.is_autocast_enabled("cpu"):          # cast as autocast would, then run the function without it
