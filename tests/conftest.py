@@ -6,15 +6,18 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import pickle
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import pytest
 import yaml
+from filelock import FileLock
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,6 +34,19 @@ def pytest_configure(config):
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+
+
+def pytest_collection_modifyitems(config, items):
+    """The test files with end-to-end tests (mark `e2e`) first, the longest runs, then the files with
+    most tests; each file's tests in their order. pytest-xdist hands the workers whole files in this
+    order (`--dist loadfile --no-loadscope-reorder`), so the short files fill in at the end instead of
+    one worker finishing a long pipeline run alone."""
+    e2e, count = set(), {}
+    for item in items:
+        count[item.path] = count.get(item.path, 0) + 1
+        if item.get_closest_marker("e2e"):
+            e2e.add(item.path)
+    items.sort(key=lambda item: (item.path not in e2e, -count[item.path]))
 
 
 # Small enough for a 2-core CPU, big enough that the custom ResNet learns the synthetic set.
@@ -136,16 +152,44 @@ def stage_dir(tmp_path, tiny_params):
 TINY_RUN_EVALUATE = {"gallery_size": 6, "gradcam_size": 4, "tta_hflip": True, "tta_translate": True}
 
 
-@pytest.fixture(scope="session")
-def tiny_repo(tmp_path_factory) -> tuple[Path, str]:
-    """The pipeline on the tiny synthetic set (TINY, with TINY_RUN_EVALUATE) in a git + DVC repo, run
-    once by `dvc repro` and committed with its dvc.lock and DVC cache: (the repo, repro's output).
-    Built once per session; tests read it as it is, or change a `copy_repo` of it."""
-    work = make_repo(tmp_path_factory.mktemp("tiny_repo"), merge(TINY, {"evaluate": TINY_RUN_EVALUATE}))
+Built = TypeVar("Built")
+
+
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], Built]) -> Built:
+    """`build(folder)` run once per test session, however many pytest-xdist workers ask for it: the
+    first to ask builds it under a file lock in the session's temporary folder, which every worker
+    shares, and the others wait for it and read its (pickled) result. A failed build leaves no result,
+    so the next worker to ask builds it again and fails with its own error.
+
+    What it builds is shared by every worker: tests read it as it is, or change a `copy_repo` of it."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent                   # <session>/popen-gwN -> <session>: one per session, all workers
+    folder, result = root / f"shared-{name}", root / f"shared-{name}.pickle"
+    with FileLock(root / f"shared-{name}.lock"):
+        if not result.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            value = build(folder)
+            result.write_bytes(pickle.dumps(value))
+        return pickle.loads(result.read_bytes())
+
+
+def _build_tiny_repo(folder: Path) -> tuple[Path, str]:
+    work = make_repo(folder, merge(TINY, {"evaluate": TINY_RUN_EVALUATE}))
     result = run(["dvc", "repro"], work)
     run(["git", "add", "-A"], work)
     run(["git", "commit", "-qm", "baseline run"], work)
     return work, result.stdout
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tmp_path_factory) -> tuple[Path, str]:
+    """The pipeline on the tiny synthetic set (TINY, with TINY_RUN_EVALUATE) in a git + DVC repo, run
+    once by `dvc repro` and committed with its dvc.lock and DVC cache: (the repo, repro's output).
+    Built once per session (`built_once`); tests read its files as they are, or change or run DVC in
+    a `copy_repo` of it."""
+    return built_once(tmp_path_factory, "tiny_repo", _build_tiny_repo)
 
 
 @pytest.fixture(scope="session")
@@ -244,17 +288,24 @@ def snapshot(work: Path) -> dict[str, bytes]:
     return {path: (work / path).read_bytes() for path in RUN_FILES}
 
 
-@pytest.fixture(scope="session")
-def preset_runs(tmp_path_factory) -> tuple[Path, dict]:
-    """A fresh repo (TINY_RUN, nothing run yet), then `dvc exp run` of A ("a"), B ("b") and A again
-    ("a-again"): (the repo, {name: {"output", "seconds", "files"}})."""
-    work = make_repo(tmp_path_factory.mktemp("presets"), TINY_RUN)
+def _build_preset_runs(folder: Path) -> tuple[Path, dict]:
+    work = make_repo(folder, TINY_RUN)
     runs = {}
     for name, overrides in (("a", PRESET_A), ("b", PRESET_B), ("a-again", PRESET_A)):
         output, seconds = exp_run(work, name, overrides)
         runs[name] = {"output": output, "seconds": seconds, "files": snapshot(work)}
     print("\n".join(f"dvc exp run {name}: {r['seconds']:.1f} s" for name, r in runs.items()))
     return work, runs
+
+
+@pytest.fixture(scope="module")
+def preset_runs(tmp_path_factory) -> tuple[Path, dict]:
+    """A fresh repo (TINY_RUN, nothing run yet), then `dvc exp run` of A ("a"), B ("b") and A again
+    ("a-again"): (the repo, {name: {"output", "seconds", "files"}}). The runs happen once per session
+    (`built_once`); each test module gets its own copy of the repo, to run more experiments in or to
+    branch and tag them."""
+    work, runs = built_once(tmp_path_factory, "preset_runs", _build_preset_runs)
+    return copy_repo(work, tmp_path_factory.mktemp("presets") / "repo"), runs
 
 
 def declared_outputs(work: Path) -> list[Path]:

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from cifarlab.augment import (MEAN_UINT8, PREVIEW_DRAWS, augmentation_preview, build_train_transform, preview_indices,
-                              write_preview)
+from cifarlab.augment import (IMAGE_SIZE, MEAN_UINT8, PREVIEW_DRAWS, PREVIEW_GAP, augmentation_preview,
+                              build_train_transform, cell_origin, preview_indices, write_preview)
 from cifarlab.loaders import GlobalBatchSampler, ImageDataset
 from cifarlab.models.classifier import Normalize
 from cifarlab.params import parse_params
@@ -115,8 +115,15 @@ def test_preview_is_deterministic_for_a_seed(default_params, tmp_path):
     assert _preview_png(params, 2, tmp_path) != first            # the draws follow the seed
 
 
-def _images_shown(fig):
-    return [[ax.get_images()[0].get_array() for ax in row] for row in np.asarray(fig.axes).reshape(-1, 4)]
+def _images_shown(fig, columns=4):
+    """The cells of the one image the preview draws, row by row, cut out where `cell_origin` puts them."""
+    (ax,) = fig.axes
+    (shown,) = ax.get_images()
+    shown = np.asarray(shown.get_array())
+    rows = (shown.shape[0] + PREVIEW_GAP) // (IMAGE_SIZE + PREVIEW_GAP)
+    assert shown.shape[:2] == (rows * (IMAGE_SIZE + PREVIEW_GAP) - PREVIEW_GAP, columns * (IMAGE_SIZE + PREVIEW_GAP) - PREVIEW_GAP)
+    return [[shown[y:y + IMAGE_SIZE, x:x + IMAGE_SIZE] for c in range(columns) for y, x in [cell_origin(r, c)]]
+            for r in range(rows)]
 
 
 def test_preview_rows_are_the_stored_images_then_draws(default_params):

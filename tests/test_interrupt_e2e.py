@@ -23,7 +23,10 @@ from conftest import TINY, make_repo, merge, run, tool_env, write_params
 
 pytestmark = pytest.mark.e2e
 
-RUN = merge(TINY, {"model": {"name": "a7_net", "dropout": 0.05}, "optim": {"name": "sgd", "momentum": 0.9},
+# Four epochs of four batches: long enough to be killed inside the second (0.3 s after the first is
+# saved), short enough that eight trainings and the reruns stay cheap.
+RUN = merge(TINY, {"data": {"synthetic_train_size": 256},
+                   "model": {"name": "a7_net", "dropout": 0.05}, "optim": {"name": "sgd", "momentum": 0.9},
                    "train": {"epochs": 4, "batch_size": 64, "max_lr": 0.05, "max_at_epoch": 1},
                    "runtime": {"deterministic": True, "precision": "fp32"}})
 SECONDS_UNTIL_NOTHING_IS_LEFT = 5.0

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from cifarlab.models import cam_layer, create_model, model_names, model_spec
+from conftest import REPO
 
 # Total parameters each seed prints ("Total params"). A registered model missing here fails.
 EXPECTED_PARAMS = {
@@ -123,6 +124,30 @@ def _input(batch: int = 2) -> torch.Tensor:
 
 def test_expected_params_table_matches_registry():
     assert set(EXPECTED_PARAMS) == set(model_names())
+
+
+def test_every_module_that_registers_a_model_is_a_family():
+    """A model module missing from FAMILIES would never be imported, so never registered: its name
+    would be refused. Each family registers itself under its module's name when looked up."""
+    from pathlib import Path
+
+    import cifarlab.models as models
+
+    registering = {path.stem for path in Path(models.__file__).parent.glob("*.py")
+                   if "@register_model(" in path.read_text()}
+    assert registering == set(models.FAMILIES)
+    assert all(model_spec(name).name == name for name in models.FAMILIES)
+
+
+def test_validating_params_imports_no_torch():
+    """The download and max_lr stages load and check params (model.name included) without torch:
+    they start in a fraction of a second."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from cifarlab.params import load_params; from cifarlab import max_lr, sources; "
+            "load_params('params.yaml'); assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
 
 
 @pytest.mark.parametrize("name", model_names())

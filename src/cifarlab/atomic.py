@@ -81,12 +81,14 @@ def write_json(target: str | Path, data: Any) -> None:
 
 
 def save_figure(fig, target: str | Path, **kwargs) -> None:
-    """Save a matplotlib figure atomically and close it."""
-    import matplotlib.pyplot as plt
-
+    """Save a matplotlib figure atomically and close it (a pyplot figure; a bare `Figure` has nothing
+    to close)."""
     with atomic_path(target) as tmp:
         fig.savefig(tmp, format=Path(target).suffix.lstrip(".") or "png", **kwargs)
-    plt.close(fig)
+    if getattr(fig.canvas, "manager", None) is not None:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
 
 
 @contextlib.contextmanager

@@ -158,7 +158,7 @@ def md5_hex(value: Any) -> str:
 
 
 def model_name(value: Any) -> str:
-    from cifarlab.models import model_names  # imported here: the registry pulls in torch
+    from cifarlab.models import model_names
 
     names = model_names()
     if value not in names:
@@ -379,7 +379,7 @@ def _check_across_sections(params: Params) -> None:
         raise ParamsError("params key `augment.alternate_flip` is true; allowed only with augment.path batch or auto "
                           "(the per-image path flips at random)")
     if params.optim.whiten_bias_epochs is not None:
-        from cifarlab.models import model_spec  # imported here: the registry pulls in torch
+        from cifarlab.models import model_spec  # imported here: looking a model up imports it, and torch
 
         if model_spec(params.model.name).whitening is None:
             raise ParamsError(f"params key `optim.whiten_bias_epochs` is {params.optim.whiten_bias_epochs}; allowed: "

@@ -3,14 +3,23 @@
 `model.name` is checked against this registry when params load, so an unknown name fails before
 any work starts. Each entry also names the layer Grad-CAM should look at, so evaluation never
 hard-codes a module path.
+
+A model's name is its module's name, and FAMILIES lists the modules: the names are known without
+importing torch (the download and max_lr stages validate params and never build a model), and
+looking a model up imports its module, which registers it.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
-import torch.nn as nn
+if TYPE_CHECKING:
+    import torch.nn as nn
+
+# The model families, one module each in this package. Keep one name per file here.
+FAMILIES = ("custom_resnet", "a7_net", "custom_resnet_a8", "resnet18", "fast_net")
 
 
 @dataclass(frozen=True)
@@ -25,10 +34,14 @@ class ModelSpec:
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
-def register_model(name: str, *, cam_layer: str, source: str, whitening: Optional[str] = None):
-    """Decorator: register `factory(num_classes=10, dropout=0.0) -> nn.Module` under `name`."""
+def register_model(*, cam_layer: str, source: str, whitening: Optional[str] = None):
+    """Decorator: register `factory(num_classes=10, dropout=0.0) -> nn.Module` under its module's
+    name (a module of FAMILIES)."""
 
     def wrap(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        name = factory.__module__.rpartition(".")[2]
+        if name not in FAMILIES:
+            raise ValueError(f"model module `{factory.__module__}` is not in cifarlab.models.FAMILIES")
         if name in _REGISTRY:
             raise ValueError(f"model `{name}` is registered twice")
         _REGISTRY[name] = ModelSpec(name, factory, cam_layer, source, whitening)
@@ -38,12 +51,14 @@ def register_model(name: str, *, cam_layer: str, source: str, whitening: Optiona
 
 
 def model_names() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(FAMILIES)
 
 
 def model_spec(name: str) -> ModelSpec:
-    if name not in _REGISTRY:
+    if name not in FAMILIES:
         raise KeyError(f"unknown model `{name}`; registered: {', '.join(model_names())}")
+    if name not in _REGISTRY:
+        importlib.import_module(f"{__name__}.{name}")      # registers it
     return _REGISTRY[name]
 
 
@@ -54,12 +69,3 @@ def create_model(name: str, num_classes: int = 10, dropout: float = 0.0) -> nn.M
 def cam_layer(model: nn.Module, name: str) -> nn.Module:
     """The module Grad-CAM should hook for a model built from registry entry `name`."""
     return model.get_submodule(model_spec(name).cam_layer)
-
-
-# Importing the families registers them. Keep one import per file in this package.
-from cifarlab.models import custom_resnet  # noqa: E402,F401
-from cifarlab.models import a7_net  # noqa: E402,F401
-from cifarlab.models import custom_resnet_a8  # noqa: E402,F401
-from cifarlab.models import resnet18  # noqa: E402,F401
-from cifarlab.models import fast_net  # noqa: E402,F401
-

@@ -75,6 +75,6 @@ class A7Net(nn.Module):
         return self.fc(torch.flatten(self.gap(x), 1))
 
 
-@register_model("a7_net", cam_layer="block4", source="seed 001_dea78ac8cdc61ff3.txt (assignment 7)")
+@register_model(cam_layer="block4", source="seed 001_dea78ac8cdc61ff3.txt (assignment 7)")
 def a7_net(num_classes: int = 10, dropout: float = 0.0) -> nn.Module:
     return A7Net(num_classes, dropout)

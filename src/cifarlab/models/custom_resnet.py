@@ -66,6 +66,6 @@ class CustomResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-@register_model("custom_resnet", cam_layer="layer3", source="seeds 002/003 (assignment 10)")
+@register_model(cam_layer="layer3", source="seeds 002/003 (assignment 10)")
 def custom_resnet(num_classes: int = 10, dropout: float = 0.0) -> nn.Module:
     return CustomResNet(num_classes, dropout)

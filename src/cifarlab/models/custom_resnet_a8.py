@@ -91,7 +91,7 @@ class CustomResNetA8(nn.Module):
         return self.fc(self.flatten(self.pool(x)))
 
 
-@register_model("custom_resnet_a8", cam_layer="layer3",
+@register_model(cam_layer="layer3",
                 source="seed 000_7d5530676d166a7a.txt (assignment 8)")
 def custom_resnet_a8(num_classes: int = 10, dropout: float = 0.0) -> nn.Module:
     return CustomResNetA8(num_classes, dropout)

@@ -91,7 +91,7 @@ class FastNet(nn.Module):
         return self.fc(self.pool(x).flatten(1)) * LOGIT_SCALE
 
 
-@register_model("fast_net", cam_layer="groups.group3.conv1", whitening="whiten",
+@register_model(cam_layer="groups.group3.conv1", whitening="whiten",
                 source="airbench94 (Jordan 2024), the fast preset; not a seed write-up")
 def fast_net(num_classes: int = 10, dropout: float = 0.0) -> nn.Module:
     return FastNet(num_classes, dropout)

@@ -69,6 +69,6 @@ class ResNet18(nn.Module):
         return self.linear(torch.flatten(x, 1))
 
 
-@register_model("resnet18", cam_layer="layer4", source="seed 004_ca5c2c8e2cd39bc0.txt (session 11)")
+@register_model(cam_layer="layer4", source="seed 004_ca5c2c8e2cd39bc0.txt (session 11)")
 def resnet18(num_classes: int = 10, dropout: float = 0.0) -> nn.Module:
     return ResNet18(num_classes, dropout)
