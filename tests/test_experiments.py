@@ -36,18 +36,20 @@ CACHED_OUTS = ("data", "models", "metrics/train/", "metrics/evaluate.json", "met
 @pytest.fixture(scope="module")
 def experiments(tmp_path_factory):
     """The tiny pipeline committed as a baseline; three train.max_lr variants run one after the other
-    as a user would (`dvc exp show` recorded then), then two seeds of the baseline's configuration
+    as a user would (each one's output and report, and then `dvc exp show`, recorded), then two seeds of the baseline's configuration
     through DVC's queue, as the README documents for seeds (one group here, to stay tiny)."""
     work = make_repo(tmp_path_factory.mktemp("experiments"), TINY_EXP)
     run(["dvc", "repro"], work)
     run(["git", "add", "-A"], work)
     run(["git", "commit", "-qm", "baseline run"], work)
+    exp_runs = {}
     for lr in MAX_LRS:
-        run(["dvc", "exp", "run", "-n", f"lr-{lr}", "-S", f"train.max_lr={lr}"], work)
+        output = run(["dvc", "exp", "run", "-n", f"lr-{lr}", "-S", f"train.max_lr={lr}"], work).stdout
+        exp_runs[f"lr-{lr}"] = {"output": output, "report": (work / "reports/report.md").read_text()}
     env = tool_env() | {"COLUMNS": str(WIDTH), "TERM": "dumb"}
     shown = {"table": subprocess.run([*SHOW, *DROP_PATHS], cwd=work, env=env, capture_output=True, text=True,
                                      check=True).stdout,
-             "csv": run([*SHOW, *DROP_PATHS, "--csv"], work).stdout}
+             "csv": run([*SHOW, *DROP_PATHS, "--csv"], work).stdout, "exp runs": exp_runs}
 
     run(["dvc", "exp", "run", "--queue", "-S", f"train.seed=range({SEEDS[0]},{SEEDS[-1] + 1})"], work)
     started = time.monotonic()
@@ -81,6 +83,19 @@ def test_exp_show_columns_are_the_declared_few(experiments):
         assert sorted(names) == sorted(DECLARED), name     # each once: no `test.accuracy`, no second `max_lr`
     header = run(["dvc", "exp", "show", "--csv"], experiments).stdout.splitlines()[0].split(",")
     assert not [column for column in header if ":" in column]   # no name needed its file to tell it apart
+
+
+def test_exp_run_with_new_max_lr_reruns_only_downstream(experiments):
+    """Each `dvc exp run -S train.max_lr=...` ran max_lr and the stages after it, nothing upstream;
+    DVC told the stages the experiment's name and baseline (DVC_EXP_NAME, DVC_EXP_BASELINE_REV), and
+    the report says which run it is."""
+    work, shown = experiments
+    baseline = run(["git", "rev-parse", "--short", "HEAD"], work).stdout.strip()
+    for name, ran in shown["exp runs"].items():
+        assert ran_stages(ran["output"]) == {"max_lr", "train", "evaluate", "report"}, name
+        assert f"\n\nRun: experiment **{name}** (`dvc exp run`), from baseline commit `{baseline}`.\n\n" in ran["report"]
+    assert "accuracy" in run(["dvc", "metrics", "show", "--json"], work).stdout
+    assert run(["dvc", "metrics", "diff", "HEAD", "lr-0.001", "--json"], work).returncode == 0
 
 
 def test_queued_experiments_run_in_parallel_and_show_up(experiments):
@@ -138,6 +153,7 @@ def test_plots_diff_page_loads_no_network_library(experiments, tmp_path):
                   "Confusion matrix"):
         assert title in html, title
     assert html.count('"type": "log"') >= 1                 # the LR range test's log LR axis
+    assert "lr-0.001" in html and "plots/augmentation.png" in html   # the train stage's preview, per revision
     assert '"title": "epoch"' in html and '"title": "step"' not in html
 
 

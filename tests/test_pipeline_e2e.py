@@ -55,27 +55,7 @@ def test_noop_repro_runs_nothing(pipeline):
     assert ran_stages(run(["dvc", "repro"], work).stdout) == set()
 
 
-def test_exp_run_with_new_max_lr_reruns_only_downstream(pipeline):
-    work, _ = pipeline
-    result = run(["dvc", "exp", "run", "-n", "lower-lr", "-S", "train.max_lr=0.001"], work)
-    assert ran_stages(result.stdout) == {"max_lr", "train", "evaluate", "report"}
-    # DVC tells the stages of `dvc exp run` the experiment's name and baseline (DVC_EXP_NAME, DVC_EXP_BASELINE_REV)
-    baseline = run(["git", "rev-parse", "--short", "HEAD"], work).stdout.strip()
-    report = (work / "reports/report.md").read_text()
-    assert f"\n\nRun: experiment **lower-lr** (`dvc exp run`), from baseline commit `{baseline}`.\n\n" in report
-    shown = run(["dvc", "exp", "show", "--json"], work).stdout
-    assert "lower-lr" in shown
-
-    metrics = run(["dvc", "metrics", "show", "--json"], work).stdout
-    assert "accuracy" in metrics
-    diff = run(["dvc", "metrics", "diff", "HEAD", "lower-lr", "--json"], work)
-    assert diff.returncode == 0
-
-    out = work / "plots_diff"
-    run(["dvc", "plots", "diff", "HEAD", "lower-lr", "-o", str(out)], work)
-    html = (out / "index.html").read_text()
-    assert "lower-lr" in html and "Accuracy per epoch" in html
-    assert "plots/augmentation.png" in html           # the train stage's augmentation preview, per revision
+# `dvc exp run -S train.max_lr=...` reruns max_lr and what follows: test_experiments.py, on its three runs.
 
 
 def test_report_params_rerun_only_report(pipeline):
