@@ -37,16 +37,17 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """The test files with end-to-end tests (mark `e2e`) first, the longest runs, then the files with
-    most tests; each file's tests in their order. pytest-xdist hands the workers whole files in this
+    """The test files with end-to-end tests (mark `e2e`) first, the longest runs, then those that run
+    stage scripts (fixture `stage_dir`), then the rest; among equals, the files with most tests first;
+    each file's tests in their order. pytest-xdist hands the workers whole files in this
     order (`--dist loadfile --no-loadscope-reorder`), so the short files fill in at the end instead of
     one worker finishing a long pipeline run alone."""
-    e2e, count = set(), {}
+    rank, count = {}, {}
     for item in items:
         count[item.path] = count.get(item.path, 0) + 1
-        if item.get_closest_marker("e2e"):
-            e2e.add(item.path)
-    items.sort(key=lambda item: (item.path not in e2e, -count[item.path]))
+        starts_stages = 0 if item.get_closest_marker("e2e") else 1 if "stage_dir" in item.fixturenames else 2
+        rank[item.path] = min(rank.get(item.path, 2), starts_stages)
+    items.sort(key=lambda item: (rank[item.path], -count[item.path]))
 
 
 # Small enough for a 2-core CPU, big enough that the custom ResNet learns the synthetic set.
@@ -131,20 +132,24 @@ def copy_code(work: Path) -> None:
     shutil.copy2(REPO / "dvc.yaml", work / "dvc.yaml")
 
 
-@pytest.fixture
-def stage_dir(tmp_path, tiny_params):
-    """A working directory with the stage scripts, tiny params and the synthetic dataset written:
-    stages run in it as `python stages/<name>.py`, exactly as `dvc repro` runs them."""
+def make_stage_dir(work: Path, params: dict) -> Path:
+    """`work` with the stage scripts, `params` and their synthetic dataset written: stages run in it as
+    `python stages/<name>.py`, exactly as `dvc repro` runs them."""
     from cifarlab.sources import make_synthetic
     from cifarlab.storage import save_dataset
 
-    work = tmp_path / "work"
     copy_code(work)
-    write_params(work, tiny_params)
-    data = tiny_params["data"]
+    write_params(work, params)
+    data = params["data"]
     save_dataset(make_synthetic(data["synthetic_train_size"], data["synthetic_test_size"], data["synthetic_seed"]),
                  work / "data")
     return work
+
+
+@pytest.fixture
+def stage_dir(tmp_path, tiny_params):
+    """A stage working directory (`make_stage_dir`) with the tiny params."""
+    return make_stage_dir(tmp_path / "work", tiny_params)
 
 
 # The tiny run's evaluate settings: sizes that differ from the defaults and from each other, so
@@ -335,11 +340,13 @@ def queue_tasks(work: Path) -> list[list[str]]:
     return [line.split() for line in lines[1:] if line.strip() and not line.startswith("Worker status")]
 
 
-def wait_for_queue(work: Path, timeout: float) -> list[list[str]]:
+def wait_for_queue(work: Path, timeout: float, every: float = 8) -> list[list[str]]:
+    """The queue's tasks once each has ended. Asked every `every` seconds: `dvc queue status` takes
+    seconds of CPU itself, which the queued runs would otherwise share."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         tasks = queue_tasks(work)
         if tasks and all(row[-1] in ("Success", "Failed") for row in tasks):
             return tasks
-        time.sleep(3)
+        time.sleep(every)
     raise AssertionError(f"queue not finished after {timeout:.0f} s:\n{run(['dvc', 'queue', 'status'], work).stdout}")

@@ -16,7 +16,7 @@ import yaml
 
 from cifarlab import dvcfile
 from cifarlab.loops import DivergenceGuard, TrainingDiverged
-from conftest import merge, params_in, run, tool_env, write_params
+from conftest import TINY, composed, make_stage_dir, merge, params_in, run, tool_env, write_params
 
 # a7_net with dropout: small and fast, and its dropout draws from the global RNG, so an exact
 # resume must restore RNG state as well as weights.
@@ -113,11 +113,13 @@ def test_sane_max_lr_trains_and_keeps_the_last_epoch(stage_dir):
 
 # --- resume and determinism -----------------------------------------------------------------------
 
-@pytest.fixture
-def reference(stage_dir, tmp_path):
-    """An uninterrupted deterministic run; returns (metrics, weights)."""
-    train_in(stage_dir, FAST)
-    return outputs(stage_dir)
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted deterministic run in a stage directory of its own, once for this module's
+    tests: (its directory, its metrics, its weights)."""
+    work = make_stage_dir(tmp_path_factory.mktemp("reference") / "work", merge(merge(composed(), TINY), FAST))
+    train_in(work)
+    return (work, *outputs(work))
 
 
 def fresh_copy(stage_dir: Path, tmp_path: Path, name: str) -> Path:
@@ -128,21 +130,23 @@ def fresh_copy(stage_dir: Path, tmp_path: Path, name: str) -> Path:
     return other
 
 
-def test_same_params_give_identical_metrics_and_weights(stage_dir, reference, tmp_path):
-    again = fresh_copy(stage_dir, tmp_path, "again")
+def test_same_params_give_identical_metrics_and_weights(reference, tmp_path):
+    done, reference_metrics, reference_weights = reference
+    again = fresh_copy(done, tmp_path, "again")
     train_in(again)
     metrics, weights = outputs(again)
-    assert metrics == reference[0]
-    assert_same_weights(weights, reference[1])
-    assert (again / "plots/lr_schedule.csv").read_text() == (stage_dir / "plots/lr_schedule.csv").read_text()
+    assert metrics == reference_metrics
+    assert_same_weights(weights, reference_weights)
+    assert (again / "plots/lr_schedule.csv").read_text() == (done / "plots/lr_schedule.csv").read_text()
     # Byte for byte, as DVC hashes it: else evaluate and report rerun and no run-cache entry matches.
     import hashlib
-    md5 = [hashlib.md5((work / "models/model.pt").read_bytes()).hexdigest() for work in (again, stage_dir)]
+    md5 = [hashlib.md5((work / "models/model.pt").read_bytes()).hexdigest() for work in (again, done)]
     assert md5[0] == md5[1]
 
 
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(stage_dir, reference, tmp_path):
-    work = fresh_copy(stage_dir, tmp_path, "killed")
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(reference, tmp_path):
+    done, reference_metrics, reference_weights = reference
+    work = fresh_copy(done, tmp_path, "killed")
     process = subprocess.Popen([sys.executable, "stages/train.py"], cwd=work, env=tool_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_state(work, process)
@@ -156,8 +160,8 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(stage_dir, referenc
     resumed = train_in(work)
     assert "resuming from the end of epoch" in resumed.stdout
     metrics, weights = outputs(work)
-    assert metrics == reference[0]
-    assert_same_weights(weights, reference[1])
+    assert metrics == reference_metrics
+    assert_same_weights(weights, reference_weights)
     tsv = (work / "metrics/train/plots/metrics/test/accuracy.tsv").read_text().splitlines()
     assert [line.split("\t")[0] for line in tsv[1:]] == ["1", "2", "3"]   # no duplicated or missing epochs
     assert state_files(work) == []
