@@ -91,8 +91,8 @@ def augmentation_preview(params: AugmentParams, images: np.ndarray, captions: Se
     same images, the transform seeded with `seed`: the same figure for the same seed and params.
     With no augmentation configured it shows the stored row once and says so.
 
-    The cells are one image (`mosaic`) in one axes, framed and labelled around it: fifty axes with a
-    layout engine took about a second of every train stage to draw, this a tenth of that."""
+    The cells are one image (`mosaic`) in one axes, framed and labelled around it: fifty axes under a
+    layout engine took 1.7 s of every train stage (1.0 s warm), one image 0.9 s (0.15 s warm)."""
     from matplotlib.collections import PatchCollection
     from matplotlib.figure import Figure   # no pyplot: no backend state in the training process
     from matplotlib.patches import Rectangle
