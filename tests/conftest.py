@@ -91,9 +91,14 @@ def default_params() -> dict:
     return composed()
 
 
+def composed_tiny() -> dict:
+    """The default preset's params with the TINY settings: what `tiny_params` and `stage_dir` hold."""
+    return merge(composed(), TINY)
+
+
 @pytest.fixture
-def tiny_params(default_params) -> dict:
-    return merge(default_params, TINY)
+def tiny_params() -> dict:
+    return composed_tiny()
 
 
 def tool_env() -> dict:

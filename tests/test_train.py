@@ -16,7 +16,7 @@ import yaml
 
 from cifarlab import dvcfile
 from cifarlab.loops import DivergenceGuard, TrainingDiverged
-from conftest import TINY, composed, make_stage_dir, merge, params_in, run, tool_env, write_params
+from conftest import composed_tiny, make_stage_dir, merge, params_in, run, tool_env, write_params
 
 # a7_net with dropout: small and fast, and its dropout draws from the global RNG, so an exact
 # resume must restore RNG state as well as weights.
@@ -117,7 +117,7 @@ def test_sane_max_lr_trains_and_keeps_the_last_epoch(stage_dir):
 def reference(tmp_path_factory):
     """An uninterrupted deterministic run in a stage directory of its own, once for this module's
     tests: (its directory, its metrics, its weights)."""
-    work = make_stage_dir(tmp_path_factory.mktemp("reference") / "work", merge(merge(composed(), TINY), FAST))
+    work = make_stage_dir(tmp_path_factory.mktemp("reference") / "work", merge(composed_tiny(), FAST))
     train_in(work)
     return (work, *outputs(work))
 

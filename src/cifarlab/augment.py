@@ -76,7 +76,7 @@ def cell_origin(row: int, column: int) -> tuple[int, int]:
 
 def mosaic(rows: list[list[np.ndarray]]) -> np.ndarray:
     """The cells in one uint8 HWC image, PREVIEW_GAP white pixels between them."""
-    height, width = (n * (IMAGE_SIZE + PREVIEW_GAP) - PREVIEW_GAP for n in (len(rows), len(rows[0])))
+    height, width = (end + IMAGE_SIZE for end in cell_origin(len(rows) - 1, len(rows[0]) - 1))   # to the last cell's edge
     out = np.full((height, width, 3), 255, dtype=np.uint8)
     for r, row in enumerate(rows):
         for c, image in enumerate(row):
