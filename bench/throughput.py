@@ -3,7 +3,7 @@
 One run on one machine measures, for the model and batch size in params.yaml (custom_resnet, 512):
 
   pipeline   the train stage's own path: `select_runtime`, `build_model`, `train_loader` with
-             `build_train_transform`, `train_one_epoch` with the real OneCycle of `cifarlab.schedule`
+             `build_train_transform`, `train_one_epoch` with the real OneCycle of `cifarlab.engine.schedule`
   reference  the loop the seed notebooks wrote: a torch Dataset applying an albumentations Compose
              (Normalize, pad + random crop, flip, cutout, ToTensorV2) per image, DataLoader with
              num_workers=0, fp32, NCHW, Adam, OneCycleLR stepped per batch, `loss.item()` and a
@@ -55,18 +55,18 @@ from albumentations.pytorch import ToTensorV2  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from cifarlab import paths  # noqa: E402
-from cifarlab.augment import IMAGE_SIZE  # noqa: E402
+from cifarlab.config.params import FIND, Params, apply_overrides, parse_params, read_yaml  # noqa: E402
+from cifarlab.data.augment import IMAGE_SIZE  # noqa: E402
+from cifarlab.data.loaders import augment_path, iterate_batches, train_loader  # noqa: E402
+from cifarlab.data.sources import make_synthetic  # noqa: E402
+from cifarlab.data.storage import CIFAR_MEAN, CIFAR_STD, Dataset, load_dataset, Split  # noqa: E402
+from cifarlab.engine.classifier import build_model  # noqa: E402
+from cifarlab.engine.loops import DivergenceGuard, evaluate, train_one_epoch  # noqa: E402
+from cifarlab.engine.runtime import cpu_supports_bf16, Runtime, seed_everything, select_runtime, to_device  # noqa: E402
+from cifarlab.engine.schedule import build_optimizer, build_scheduler, onecycle_for  # noqa: E402
 from cifarlab.errors import CifarlabError  # noqa: E402
-from cifarlab.loaders import augment_path, iterate_batches, train_loader  # noqa: E402
-from cifarlab.loops import DivergenceGuard, evaluate, train_one_epoch  # noqa: E402
-from cifarlab.models import create_model  # noqa: E402
-from cifarlab.models.classifier import build_model  # noqa: E402
-from cifarlab.params import FIND, Params, apply_overrides, parse_params, read_yaml  # noqa: E402
-from cifarlab.runtime import cpu_supports_bf16, Runtime, seed_everything, select_runtime, to_device  # noqa: E402
-from cifarlab.schedule import build_optimizer, build_scheduler, onecycle_for  # noqa: E402
-from cifarlab.sources import make_synthetic  # noqa: E402
-from cifarlab.storage import CIFAR_MEAN, CIFAR_STD, Dataset, load_dataset, Split  # noqa: E402
-from cifarlab.trainer import fit, resolve_max_lr  # noqa: E402
+from cifarlab.models.registry import create_model  # noqa: E402
+from cifarlab.pipeline.train import fit, resolve_max_lr  # noqa: E402
 from machine import describe_cpu  # noqa: E402  (bench/machine.py: this script's folder is on sys.path)
 
 # The OneCycle peak when train.max_lr is `find` and this checkout has no usable lr_find output: the

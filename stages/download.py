@@ -3,9 +3,9 @@
 import _src  # noqa: F401  (this checkout's src/ first: see stages/_src.py)
 
 from cifarlab import paths
+from cifarlab.config.params import load_params
+from cifarlab.data.sources import download
 from cifarlab.errors import run_stage
-from cifarlab.params import load_params
-from cifarlab.sources import download
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""evaluate stage: the trained checkpoint on the held-out test split only (see cifarlab.evaluator)."""
+"""evaluate stage: the trained checkpoint on the held-out test split only (see cifarlab.pipeline.evaluate)."""
 
 import _src  # noqa: F401  (this checkout's src/ first: see stages/_src.py)
 
@@ -6,8 +6,8 @@ from cifarlab.errors import run_stage
 
 
 def main() -> None:
-    from cifarlab.evaluator import evaluate_checkpoint
-    from cifarlab.params import load_params
+    from cifarlab.pipeline.evaluate import evaluate_checkpoint
+    from cifarlab.config.params import load_params
 
     evaluate_checkpoint(load_params())
 

@@ -1,5 +1,5 @@
 """lr_find stage: LR range test with the training model, optimizer, batch size and augmentation
-(see cifarlab.lr_finder.find_max_lr)."""
+(see cifarlab.pipeline.lr_find.find_max_lr)."""
 
 import _src  # noqa: F401  (this checkout's src/ first: see stages/_src.py)
 
@@ -7,8 +7,8 @@ from cifarlab.errors import run_stage
 
 
 def main() -> None:
-    from cifarlab.lr_finder import find_max_lr
-    from cifarlab.params import load_params
+    from cifarlab.pipeline.lr_find import find_max_lr
+    from cifarlab.config.params import load_params
 
     find_max_lr(load_params())
 

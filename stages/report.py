@@ -2,9 +2,9 @@
 
 import _src  # noqa: F401  (this checkout's src/ first: see stages/_src.py)
 
+from cifarlab.config.params import load_params
 from cifarlab.errors import run_stage
-from cifarlab.params import load_params
-from cifarlab.report import build_report
+from cifarlab.pipeline.report.document import build_report
 
 
 def main() -> None:

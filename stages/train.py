@@ -1,7 +1,7 @@
 """train stage: OneCycle training of the configured model; writes the checkpoint and curves.
 
 With `runtime.nproc: N > 1` this process starts N training processes of one DDP run and waits for
-them (see cifarlab.trainer.train_stage and cifarlab.distributed); a process started that way, or by
+them (see cifarlab.pipeline.train.train_stage and cifarlab.engine.distributed); a process started that way, or by
 torchrun, trains its share.
 """
 
@@ -11,8 +11,8 @@ from cifarlab.errors import run_stage   # no torch yet: Ctrl-C and SIGTERM are h
 
 
 def main() -> None:
-    from cifarlab.params import load_params
-    from cifarlab.trainer import train_stage
+    from cifarlab.config.params import load_params
+    from cifarlab.pipeline.train import train_stage
 
     train_stage(load_params(), __file__)
 

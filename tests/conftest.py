@@ -68,7 +68,7 @@ def merge(base: dict, override: dict) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def _composed_text(overrides: tuple[str, ...]) -> str:
-    from cifarlab.compose import compose_text
+    from cifarlab.config.compose import compose_text
 
     return compose_text(list(overrides), REPO / "conf")
 
@@ -140,8 +140,8 @@ def copy_code(work: Path) -> None:
 def make_stage_dir(work: Path, params: dict) -> Path:
     """`work` with the stage scripts, `params` and their synthetic dataset written: stages run in it as
     `python stages/<name>.py`, exactly as `dvc repro` runs them."""
-    from cifarlab.sources import make_synthetic
-    from cifarlab.storage import save_dataset
+    from cifarlab.data.sources import make_synthetic
+    from cifarlab.data.storage import save_dataset
 
     copy_code(work)
     write_params(work, params)

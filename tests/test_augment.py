@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from cifarlab.augment import (IMAGE_SIZE, MEAN_UINT8, PREVIEW_DRAWS, PREVIEW_GAP, augmentation_preview,
+from cifarlab.data.augment import (IMAGE_SIZE, MEAN_UINT8, PREVIEW_DRAWS, PREVIEW_GAP, augmentation_preview,
                               build_train_transform, cell_origin, preview_indices, write_preview)
-from cifarlab.loaders import GlobalBatchSampler, ImageDataset
-from cifarlab.models.classifier import Normalize
-from cifarlab.params import parse_params
-from cifarlab.sources import make_synthetic
+from cifarlab.config.params import parse_params
+from cifarlab.data.loaders import GlobalBatchSampler, ImageDataset
+from cifarlab.data.sources import make_synthetic
+from cifarlab.engine.classifier import Normalize
 from conftest import merge
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from cifarlab.batch_augment import MEAN_UINT8, BatchAugment, uniform
-from cifarlab.sources import make_synthetic
+from cifarlab.data.batch_augment import MEAN_UINT8, BatchAugment, uniform
+from cifarlab.data.sources import make_synthetic
 from conftest import merge
 
 IMAGES = torch.from_numpy(make_synthetic(64, 10, seed=3).train.images).permute(0, 3, 1, 2).contiguous()
@@ -106,7 +106,7 @@ def test_cutout_fills_one_square_inside_the_image_with_the_mean_colour():
 
 
 def test_from_params_takes_the_augment_section(default_params):
-    from cifarlab.params import parse_params
+    from cifarlab.config.params import parse_params
 
     params = parse_params(merge(default_params, {"augment": {"path": "batch", "alternate_flip": True}})).augment
     aug = BatchAugment.from_params(params)
@@ -117,9 +117,9 @@ def test_from_params_takes_the_augment_section(default_params):
 def test_device_loader_gives_the_per_image_paths_batches_augmented_on_the_device(default_params):
     """Same global batches as the worker loader for (seed, epoch); each batch is the gathered images
     through BatchAugment; an epoch is reproducible and the next one differs."""
-    from cifarlab.loaders import DeviceBatchLoader, EpochLoader, ImageDataset, augment_path, train_loader
-    from cifarlab.params import parse_params
-    from cifarlab.runtime import Runtime
+    from cifarlab.data.loaders import DeviceBatchLoader, EpochLoader, ImageDataset, augment_path, train_loader
+    from cifarlab.config.params import parse_params
+    from cifarlab.engine.runtime import Runtime
 
     split = make_synthetic(100, 10, seed=1).train
     params = parse_params(merge(default_params, {"augment": {"path": "batch", "alternate_flip": True}})).augment
@@ -143,7 +143,7 @@ def test_device_loader_gives_the_per_image_paths_batches_augmented_on_the_device
 
 
 def test_alternate_flip_needs_the_batch_path(default_params):
-    from cifarlab.params import ParamsError, parse_params
+    from cifarlab.config.params import ParamsError, parse_params
 
     with pytest.raises(ParamsError, match=r"`augment.alternate_flip` is true; allowed only with augment.path batch"):
         parse_params(merge(default_params, {"augment": {"alternate_flip": True}}))

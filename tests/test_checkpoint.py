@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from cifarlab.checkpoint import load_checkpoint, save_checkpoint
+from cifarlab.engine.checkpoint import load_checkpoint, save_checkpoint
+from cifarlab.engine.classifier import Classifier
 from cifarlab.errors import CifarlabError
-from cifarlab.models.classifier import Classifier
 
 
 def test_round_trip_describes_itself(tmp_path):
@@ -61,7 +61,7 @@ def test_state_writer_writes_the_state_as_it_was_when_saved(tmp_path):
     values of the moment `save` was called, every time (the copy buffers are reused)."""
     import random
 
-    from cifarlab.checkpoint import StateWriter
+    from cifarlab.engine.checkpoint import StateWriter
 
     model = Classifier("a7_net")
     optimizer = torch.optim.Adam(model.parameters())
@@ -87,7 +87,7 @@ def test_state_writer_writes_the_state_as_it_was_when_saved(tmp_path):
 
 
 def test_state_writer_reports_a_failed_write_in_one_line(tmp_path):
-    from cifarlab.checkpoint import StateWriter
+    from cifarlab.engine.checkpoint import StateWriter
 
     (tmp_path / "file").write_text("not a directory")
     writer = StateWriter()

@@ -1,4 +1,4 @@
-"""cifarlab.compare on `dvc exp show` rows: grouping, mean / standard deviation / n, the figure."""
+"""cifarlab.tools.compare on `dvc exp show` rows: grouping, mean / standard deviation / n, the figure."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import statistics
 
 import pytest
 
-from cifarlab.compare import compare, figure, finished_runs, group_runs, mean_band, table
 from cifarlab.errors import CifarlabError
+from cifarlab.tools.compare import compare, figure, finished_runs, group_runs, mean_band, table
 
 
 def row(name, preset, seed, accuracy, typ="branch_commit", state=None, **extra):

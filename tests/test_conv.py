@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 
 import cifarlab.models.conv as conv
-from cifarlab.models import create_model, model_names
+from cifarlab.models.names import model_names
+from cifarlab.models.registry import create_model
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cifarlab.sources import fetch, make_synthetic, read_cifar10_tarball
-from cifarlab.storage import CIFAR10_CLASSES, DataError, load_dataset, save_dataset
+from cifarlab.data.sources import fetch, make_synthetic, read_cifar10_tarball
+from cifarlab.data.storage import CIFAR10_CLASSES, DataError, load_dataset, save_dataset
 from conftest import copy_stages, merge, run, tool_env, write_params
 
 

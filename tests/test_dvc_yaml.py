@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cifarlab import codedeps, dvcfile
-from cifarlab.params import Params, parse_params
+from cifarlab import dvcfile
+from cifarlab.config.params import Params, parse_params
+from cifarlab.tools import codedeps
 from conftest import REPO
 
 STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
@@ -24,13 +25,13 @@ def declared(stage: dict) -> list[str]:
 
 @pytest.mark.parametrize("name", sorted(STAGES))
 def test_stage_code_deps_are_the_generated_ones(name):
-    """Every file the script imports, transitively, and nothing else: `python -m cifarlab.codedeps` wrote them."""
+    """Every file the script imports, transitively, and nothing else: `python -m cifarlab codedeps` wrote them."""
     code = [dep for dep in declared(STAGES[name]) if dep.startswith(("stages/", "src/"))]
     assert code == codedeps.code_deps(name, REPO)
 
 
 def test_codedeps_check_passes_on_the_committed_dvc_yaml():
-    result = subprocess.run([sys.executable, "-m", "cifarlab.codedeps", "--check"], cwd=REPO, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "cifarlab", "codedeps", "--check"], cwd=REPO, capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stderr
 
@@ -42,19 +43,50 @@ def _library(tmp_path: Path, files: dict[str, str]) -> Path:
     return tmp_path
 
 
-def test_code_deps_follow_imports_transitively_and_count_a_package_as_its_folder(tmp_path):
+def test_code_deps_follow_imports_transitively_per_file(tmp_path):
+    """Each import is the one file it names (not its whole wing); a module that imports its folder's
+    modules by name (the model registry) stands for that folder; package markers are not deps."""
     root = _library(tmp_path, {
-        "stages/fit.py": "import _src\nfrom cifarlab import a\n\ndef main():\n    from cifarlab.b import f\n",
-        "src/cifarlab/__init__.py": "", "src/cifarlab/a.py": "import numpy\nfrom cifarlab.models.small import Net\n",
-        "src/cifarlab/b.py": "from cifarlab.c import g\n", "src/cifarlab/c.py": "", "src/cifarlab/unused.py": "",
-        "src/cifarlab/models/__init__.py": "from cifarlab.models import small\n", "src/cifarlab/models/small.py": "",
-        "src/cifarlab/params.py": "def check():\n    from cifarlab.models import names\n",
-        "stages/load.py": "from cifarlab.params import check\n",
+        "stages/fit.py": "import _src\nfrom cifarlab.wing import a\n\ndef main():\n    from cifarlab.wing.b import f\n",
+        "src/cifarlab/__init__.py": "", "src/cifarlab/wing/__init__.py": "",
+        "src/cifarlab/wing/a.py": "import numpy\nfrom cifarlab.models.registry import create\n",
+        "src/cifarlab/wing/b.py": "from cifarlab.c import g\n", "src/cifarlab/c.py": "",
+        "src/cifarlab/wing/unused.py": "",
+        "src/cifarlab/models/__init__.py": "", "src/cifarlab/models/names.py": "NAMES = ('small',)\n",
+        "src/cifarlab/models/registry.py": "import importlib\nfrom cifarlab.models.names import NAMES\n"
+                                           "def create(name):\n    return importlib.import_module(name)\n",
+        "src/cifarlab/models/small.py": "from cifarlab.models.registry import create\n",
+        "src/cifarlab/config/__init__.py": "", "src/cifarlab/config/params.py": "from cifarlab.models.names import NAMES\n",
+        "stages/load.py": "from cifarlab.config.params import check\n",
     })
-    assert codedeps.code_deps("fit", root) == ["stages/fit.py", "stages/_src.py", "src/cifarlab/a.py",
-                                               "src/cifarlab/b.py", "src/cifarlab/c.py", "src/cifarlab/models"]
-    # params.py looks up the model registry only to validate a name: no dependency on the networks
-    assert codedeps.code_deps("load", root) == ["stages/load.py", "stages/_src.py", "src/cifarlab/params.py"]
+    assert codedeps.code_deps("fit", root) == ["stages/fit.py", "stages/_src.py", "src/cifarlab/c.py", "src/cifarlab/models",
+                                               "src/cifarlab/wing/a.py", "src/cifarlab/wing/b.py"]
+    # params.py reads the model names only: it depends on that file, not on the networks
+    assert codedeps.code_deps("load", root) == ["stages/load.py", "stages/_src.py", "src/cifarlab/config/params.py",
+                                                "src/cifarlab/models/names.py"]
+
+
+# Library files each stage imports (the models folder counts once): what the wings were split for.
+# A stage that suddenly imports many more files reruns on edits it cannot be affected by.
+LIBRARY_FILES = {"download": 10, "lr_find": 17, "max_lr": 9, "train": 22, "evaluate": 22, "report": 12}
+
+
+@pytest.mark.parametrize("name", sorted(LIBRARY_FILES))
+def test_each_stage_depends_on_the_files_it_imports_only(name):
+    library = [dep for dep in codedeps.code_deps(name, REPO) if dep.startswith("src/")]
+    assert len(library) <= LIBRARY_FILES[name], library
+    if name != "report":
+        assert not any(dep.startswith("src/cifarlab/pipeline/report") for dep in library), library
+    if name in ("download", "max_lr"):
+        assert "src/cifarlab/models" not in library   # params load without the networks
+
+
+def test_editing_the_report_code_reruns_only_the_report():
+    report_code = [path.relative_to(REPO).as_posix() for path in (REPO / "src/cifarlab/pipeline/report").glob("*.py")
+                   if path.name != "__init__.py"]
+    assert report_code
+    for path in report_code:
+        assert {name for name in STAGES if path in declared(STAGES[name])} == {"report"}, path
 
 
 def test_codedeps_rewrites_stale_code_deps_and_keeps_data_deps_and_comments(tmp_path):

@@ -14,10 +14,11 @@ import torch
 import yaml
 from torch import nn
 
-from cifarlab.gradcam import cam_layer_name, grad_cam
-from cifarlab.metrics import HorizontalFlipTTA
-from cifarlab.models import model_names, model_spec
-from cifarlab.models.classifier import Classifier
+from cifarlab.engine.classifier import Classifier
+from cifarlab.engine.gradcam import cam_layer_name, grad_cam
+from cifarlab.engine.metrics import HorizontalFlipTTA
+from cifarlab.models.names import model_names
+from cifarlab.models.registry import model_spec
 from conftest import TINY, TINY_RUN_EVALUATE, merge, run, write_params
 
 EVALUATE = TINY_RUN_EVALUATE   # gallery 6, Grad-CAM 4, TTA on: the shared tiny run's settings

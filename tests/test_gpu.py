@@ -65,12 +65,12 @@ class Watcher:
 def train_and_evaluate(work: Path, params: dict, monkeypatch) -> tuple[Watcher, dict, dict, object]:
     """Run the train and evaluate stages' library calls in `work` with `params` (on synthetic data of
     their sizes), in this process, watching the model."""
-    from cifarlab import evaluator, trainer
-    from cifarlab.evaluator import evaluate_checkpoint
-    from cifarlab.params import load_params
-    from cifarlab.runtime import select_runtime
-    from cifarlab.sources import make_synthetic
-    from cifarlab.storage import load_dataset, save_dataset
+    from cifarlab.pipeline import evaluate as evaluator, train as trainer
+    from cifarlab.pipeline.evaluate import evaluate_checkpoint
+    from cifarlab.config.params import load_params
+    from cifarlab.engine.runtime import select_runtime
+    from cifarlab.data.sources import make_synthetic
+    from cifarlab.data.storage import load_dataset, save_dataset
 
     write_params(work, params)
     data = params["data"]
@@ -140,7 +140,7 @@ def test_default_preset_trains_and_evaluates_on_cuda(stage_dir, default_params, 
 
 def test_the_watcher_on_the_cpu(stage_dir, default_params, monkeypatch):
     """The harness of the CUDA test, here: the same checks hold for the CPU runtime this machine picks."""
-    from cifarlab.runtime import cpu_supports_bf16
+    from cifarlab.engine.runtime import cpu_supports_bf16
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     watcher, speed, record, _ = train_and_evaluate(stage_dir, merge(default_params, CPU_RUN), monkeypatch)
@@ -178,8 +178,8 @@ def batches(count: int, size: int = 4) -> list:
 def test_a_divergence_names_its_step_on_every_device(device):
     """On CUDA the guard's verdict is read without waiting for the device, so it may be noticed a few
     checks later than on the CPU; the error still names the step where the loss went bad."""
-    from cifarlab.loops import DivergenceGuard, TrainingDiverged, train_one_epoch
-    from cifarlab.runtime import Runtime
+    from cifarlab.engine.loops import DivergenceGuard, TrainingDiverged, train_one_epoch
+    from cifarlab.engine.runtime import Runtime
 
     runtime = Runtime(torch.device(device), "fp32", device == "cuda", 0)
     model = NaNAfter(after=13).to(device)
@@ -193,8 +193,8 @@ def test_a_divergence_names_its_step_on_every_device(device):
 @needs_cuda
 @pytest.mark.gpu
 def test_cuda_batches_overlap_copies_and_keep_their_values():
-    from cifarlab.loops import DeviceReadout
-    from cifarlab.runtime import device_batches, Runtime
+    from cifarlab.engine.loops import DeviceReadout
+    from cifarlab.engine.runtime import device_batches, Runtime
 
     runtime = Runtime(torch.device("cuda"), "bf16", True, 0)
     host = [(images.pin_memory(), labels.pin_memory()) for images, labels in batches(6)]
@@ -218,9 +218,9 @@ def test_the_batch_path_never_makes_the_host_wait_for_the_gpu(pad_mode, cutout):
     host-to-device copy per batch (indices, a hash key, the fill colour) would wait for every step queued
     before it, and the GPU would idle while the host queued the next (the fast preset on an H200: 27% of
     each epoch's time went to such waits)."""
-    from cifarlab.batch_augment import BatchAugment
-    from cifarlab.loaders import DeviceBatchLoader
-    from cifarlab.sources import make_synthetic
+    from cifarlab.data.batch_augment import BatchAugment
+    from cifarlab.data.loaders import DeviceBatchLoader
+    from cifarlab.data.sources import make_synthetic
 
     split = make_synthetic(train_size=4096, test_size=10, seed=0).train
     augment = BatchAugment(pad=2, pad_mode=pad_mode, hflip=0.5, cutout_size=cutout, cutout_p=0.5 if cutout else 0.0,

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cifarlab.loaders import GlobalBatchSampler, iterate_batches, ResidentBatches, train_loader
-from cifarlab.params import parse_params
-from cifarlab.runtime import Runtime
-from cifarlab.sources import make_synthetic
+from cifarlab.config.params import parse_params
+from cifarlab.data.loaders import GlobalBatchSampler, iterate_batches, ResidentBatches, train_loader
+from cifarlab.data.sources import make_synthetic
+from cifarlab.engine.runtime import Runtime
 from conftest import merge
 
 SEED = 4

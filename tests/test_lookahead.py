@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from cifarlab.lookahead import BASE, EVERY, Lookahead
+from cifarlab.engine.lookahead import BASE, EVERY, Lookahead
 
 
 def model() -> nn.Module:

@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from cifarlab.loaders import train_loader
-from cifarlab.lr_finder import range_test, turned_up
-from cifarlab.lr_rules import (MIN_NUM_ITER, MIN_WINDOW, RULES, SKIP_START, CurveError, min_div_10, steepest,
-                               suggestions, window)
-from cifarlab.models.classifier import build_model
-from cifarlab.params import ParamsError, parse_params
-from cifarlab.runtime import select_runtime
-from cifarlab.schedule import build_optimizer
-from cifarlab.sources import make_synthetic
+from cifarlab.config.lr_rules import (MIN_NUM_ITER, MIN_WINDOW, RULES, SKIP_START, CurveError, min_div_10, steepest,
+                                      suggestions, window)
+from cifarlab.config.params import ParamsError, parse_params
+from cifarlab.data.loaders import train_loader
+from cifarlab.data.sources import make_synthetic
+from cifarlab.engine.classifier import build_model
+from cifarlab.pipeline.lr_find import range_test, turned_up
+from cifarlab.engine.runtime import select_runtime
+from cifarlab.engine.schedule import build_optimizer
 from conftest import merge
 
 
@@ -157,8 +157,8 @@ def test_range_test_leaves_the_model_untouched(default_params):
 
 
 def test_divergence_advice_follows_how_the_max_lr_was_chosen(tmp_path):
-    from cifarlab.max_lr import resolve
-    from cifarlab.trainer import divergence_advice
+    from cifarlab.pipeline.max_lr import resolve
+    from cifarlab.pipeline.train import divergence_advice
 
     found = tmp_path / "lr_find.json"
     found.write_text(json.dumps({"max_lr": 0.3, "rule": "steepest", "loss_minimum_lr": 0.9}))

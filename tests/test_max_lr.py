@@ -23,7 +23,7 @@ def test_train_depends_on_the_resolved_max_lr_not_the_range_test():
 
 
 def test_resolve_a_number_never_reads_lr_find(tmp_path):
-    from cifarlab.max_lr import resolve
+    from cifarlab.pipeline.max_lr import resolve
 
     missing = tmp_path / "absent.json"
     assert resolve(0.003, missing) == {"max_lr": 0.003, "chosen_by": "params", "train.max_lr": 0.003}
@@ -31,7 +31,7 @@ def test_resolve_a_number_never_reads_lr_find(tmp_path):
 
 def test_resolve_find_takes_the_suggestion_with_its_rule(tmp_path):
     from cifarlab.errors import CifarlabError
-    from cifarlab.max_lr import resolve
+    from cifarlab.pipeline.max_lr import resolve
 
     found = tmp_path / "lr_find.json"
     found.write_text(json.dumps({"max_lr": 2e-3, "rule": "min_div_10", "loss_minimum_lr": 2e-2, "iterations": 30}))
@@ -45,7 +45,7 @@ def test_resolve_find_takes_the_suggestion_with_its_rule(tmp_path):
 def test_read_refuses_a_file_resolved_for_another_max_lr(tmp_path):
     from cifarlab.atomic import write_json
     from cifarlab.errors import CifarlabError
-    from cifarlab.max_lr import read, resolve
+    from cifarlab.pipeline.max_lr import read, resolve
 
     resolved = tmp_path / "max_lr.json"
     assert read(0.003, resolved)["max_lr"] == 0.003          # no file: a number needs no resolving

@@ -1,8 +1,8 @@
 """Every registered model against its seed write-up: parameter count, output, Grad-CAM layer,
 dropout switch, and the printed model summary, layer for layer.
 
-The seed tables at the bottom are the write-ups' printed summaries, copied verbatim (rows only)
-from /work/shared/seeds, so they can be diffed against the originals. Two formats occur:
+The seed tables (tests/data/seed_summaries/) are the write-ups' printed summaries, copied verbatim
+(rows only) from the seed write-ups, so they can be diffed against the originals. Two formats occur:
 
 * torchsummary (seeds 000-003): one row per module that ran, in the order each *finished* its
   forward; custom container modules (e.g. assignment 8's `ResBlock`) get a row after their
@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
-from cifarlab.models import cam_layer, create_model, model_names, model_spec
+from cifarlab.models.names import model_names
+from cifarlab.models.registry import cam_layer, create_model, model_spec
 from conftest import REPO
 
 # Total parameters each seed prints ("Total params"). A registered model missing here fails.
@@ -131,7 +133,7 @@ def test_every_module_that_registers_a_model_is_a_family():
     would be refused. Each family registers itself under its module's name when looked up."""
     from pathlib import Path
 
-    import cifarlab.models as models
+    from cifarlab.models import names as models
 
     registering = {path.stem for path in Path(models.__file__).parent.glob("*.py")
                    if "@register_model(" in path.read_text()}
@@ -145,7 +147,7 @@ def test_validating_params_imports_no_torch():
     import subprocess
     import sys
 
-    code = ("import sys; from cifarlab.params import load_params; from cifarlab import max_lr, sources; "
+    code = ("import sys; from cifarlab.config.params import load_params; from cifarlab.pipeline import max_lr; from cifarlab.data import sources; "
             "load_params('params.yaml'); assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
 
@@ -186,259 +188,30 @@ def test_dropout_argument_adds_dropout(name: str):
     assert with_dropout and all(d.p == 0.2 for d in with_dropout)
 
 
-# --------------------------------------------------------------------------------------------
-# Seed tables: the printed rows, verbatim. The header, totals and size lines are left out.
+# Seed tables: the printed rows, verbatim (the header, totals and size lines left out), one file each in
+# tests/data/seed_summaries/, named <seed>_<model>.txt.
+SUMMARIES = Path(__file__).parent / "data" / "seed_summaries"
 
-# 001_dea78ac8cdc61ff3.txt, assignment 7 (torchsummary). Dropout's p is not printed; any p > 0
-# puts the Dropout rows in.
-A7_001 = """
-            Conv2d-1           [-1, 16, 32, 32]             432
-              ReLU-2           [-1, 16, 32, 32]               0
-       BatchNorm2d-3           [-1, 16, 32, 32]              32
-           Dropout-4           [-1, 16, 32, 32]               0
-            Conv2d-5           [-1, 32, 32, 32]           4,608
-              ReLU-6           [-1, 32, 32, 32]               0
-       BatchNorm2d-7           [-1, 32, 32, 32]              64
-           Dropout-8           [-1, 32, 32, 32]               0
-         MaxPool2d-9           [-1, 32, 16, 16]               0
-           Conv2d-10           [-1, 64, 16, 16]          18,432
-             ReLU-11           [-1, 64, 16, 16]               0
-      BatchNorm2d-12           [-1, 64, 16, 16]             128
-          Dropout-13           [-1, 64, 16, 16]               0
-           Conv2d-14           [-1, 64, 16, 16]          36,864
-             ReLU-15           [-1, 64, 16, 16]               0
-      BatchNorm2d-16           [-1, 64, 16, 16]             128
-          Dropout-17           [-1, 64, 16, 16]               0
-        MaxPool2d-18             [-1, 64, 8, 8]               0
-           Conv2d-19            [-1, 128, 8, 8]          73,728
-             ReLU-20            [-1, 128, 8, 8]               0
-      BatchNorm2d-21            [-1, 128, 8, 8]             256
-          Dropout-22            [-1, 128, 8, 8]               0
-           Conv2d-23            [-1, 128, 8, 8]         147,456
-             ReLU-24            [-1, 128, 8, 8]               0
-      BatchNorm2d-25            [-1, 128, 8, 8]             256
-          Dropout-26            [-1, 128, 8, 8]               0
-        MaxPool2d-27            [-1, 128, 4, 4]               0
-           Conv2d-28            [-1, 128, 4, 4]         147,456
-             ReLU-29            [-1, 128, 4, 4]               0
-      BatchNorm2d-30            [-1, 128, 4, 4]             256
-          Dropout-31            [-1, 128, 4, 4]               0
-           Conv2d-32            [-1, 128, 4, 4]           1,152
-           Conv2d-33            [-1, 256, 4, 4]          32,768
-             ReLU-34            [-1, 256, 4, 4]               0
-      BatchNorm2d-35            [-1, 256, 4, 4]             512
-          Dropout-36            [-1, 256, 4, 4]               0
-AdaptiveAvgPool2d-37            [-1, 256, 1, 1]               0
-           Linear-38                   [-1, 10]           2,570
-"""
 
-# 000_7d5530676d166a7a.txt, assignment 8 (torchsummary). ResBlock-14 and -29 are container rows.
-A8_000 = """
-           Conv2d-1           [-1, 64, 32, 32]           1,792
-       BatchNorm2d-2           [-1, 64, 32, 32]             128
-              ReLU-3           [-1, 64, 32, 32]               0
-            Conv2d-4          [-1, 128, 32, 32]          73,856
-         MaxPool2d-5          [-1, 128, 16, 16]               0
-       BatchNorm2d-6          [-1, 128, 16, 16]             256
-              ReLU-7          [-1, 128, 16, 16]               0
-            Conv2d-8          [-1, 128, 16, 16]         147,584
-       BatchNorm2d-9          [-1, 128, 16, 16]             256
-             ReLU-10          [-1, 128, 16, 16]               0
-           Conv2d-11          [-1, 128, 16, 16]         147,584
-      BatchNorm2d-12          [-1, 128, 16, 16]             256
-             ReLU-13          [-1, 128, 16, 16]               0
-         ResBlock-14          [-1, 128, 16, 16]               0
-           Conv2d-15          [-1, 256, 14, 14]         295,168
-        MaxPool2d-16            [-1, 256, 7, 7]               0
-      BatchNorm2d-17            [-1, 256, 7, 7]             512
-             ReLU-18            [-1, 256, 7, 7]               0
-           Conv2d-19            [-1, 512, 7, 7]       1,180,160
-        MaxPool2d-20            [-1, 512, 4, 4]               0
-      BatchNorm2d-21            [-1, 512, 4, 4]           1,024
-             ReLU-22            [-1, 512, 4, 4]               0
-           Conv2d-23            [-1, 512, 4, 4]       2,359,808
-      BatchNorm2d-24            [-1, 512, 4, 4]           1,024
-             ReLU-25            [-1, 512, 4, 4]               0
-           Conv2d-26            [-1, 512, 4, 4]       2,359,808
-      BatchNorm2d-27            [-1, 512, 4, 4]           1,024
-             ReLU-28            [-1, 512, 4, 4]               0
-         ResBlock-29            [-1, 512, 4, 4]               0
-        MaxPool2d-30            [-1, 512, 1, 1]               0
-          Flatten-31                  [-1, 512]               0
-           Linear-32                   [-1, 10]           5,130
-"""
+def _table(name: str) -> str:
+    return (SUMMARIES / f"{name}.txt").read_text()
 
-# 002_83aa6d7748cf0418.txt, assignment 10, long write-up (torchsummary, no dropout).
-A10_002 = """
-            Conv2d-1           [-1, 64, 32, 32]           1,728
-       BatchNorm2d-2           [-1, 64, 32, 32]             128
-              ReLU-3           [-1, 64, 32, 32]               0
-            Conv2d-4          [-1, 128, 32, 32]          73,728
-         MaxPool2d-5          [-1, 128, 16, 16]               0
-       BatchNorm2d-6          [-1, 128, 16, 16]             256
-              ReLU-7          [-1, 128, 16, 16]               0
-            Conv2d-8          [-1, 128, 16, 16]         147,456
-       BatchNorm2d-9          [-1, 128, 16, 16]             256
-             ReLU-10          [-1, 128, 16, 16]               0
-           Conv2d-11          [-1, 128, 16, 16]         147,456
-      BatchNorm2d-12          [-1, 128, 16, 16]             256
-             ReLU-13          [-1, 128, 16, 16]               0
-           Conv2d-14          [-1, 256, 16, 16]         294,912
-        MaxPool2d-15            [-1, 256, 8, 8]               0
-      BatchNorm2d-16            [-1, 256, 8, 8]             512
-             ReLU-17            [-1, 256, 8, 8]               0
-           Conv2d-18            [-1, 512, 8, 8]       1,179,648
-        MaxPool2d-19            [-1, 512, 4, 4]               0
-      BatchNorm2d-20            [-1, 512, 4, 4]           1,024
-             ReLU-21            [-1, 512, 4, 4]               0
-           Conv2d-22            [-1, 512, 4, 4]       2,359,296
-      BatchNorm2d-23            [-1, 512, 4, 4]           1,024
-             ReLU-24            [-1, 512, 4, 4]               0
-           Conv2d-25            [-1, 512, 4, 4]       2,359,296
-      BatchNorm2d-26            [-1, 512, 4, 4]           1,024
-             ReLU-27            [-1, 512, 4, 4]               0
-        MaxPool2d-28            [-1, 512, 1, 1]               0
-           Linear-29                   [-1, 10]           5,130
-"""
-
-# 003_35b08997a8aa459e.txt, assignment 10, second write-up (torchsummary, dropout after blocks).
-A10_003 = """
-            Conv2d-1           [-1, 64, 32, 32]           1,728
-       BatchNorm2d-2           [-1, 64, 32, 32]             128
-              ReLU-3           [-1, 64, 32, 32]               0
-           Dropout-4           [-1, 64, 32, 32]               0
-            Conv2d-5          [-1, 128, 32, 32]          73,728
-         MaxPool2d-6          [-1, 128, 16, 16]               0
-       BatchNorm2d-7          [-1, 128, 16, 16]             256
-              ReLU-8          [-1, 128, 16, 16]               0
-           Dropout-9          [-1, 128, 16, 16]               0
-           Conv2d-10          [-1, 128, 16, 16]         147,456
-      BatchNorm2d-11          [-1, 128, 16, 16]             256
-             ReLU-12          [-1, 128, 16, 16]               0
-          Dropout-13          [-1, 128, 16, 16]               0
-           Conv2d-14          [-1, 128, 16, 16]         147,456
-      BatchNorm2d-15          [-1, 128, 16, 16]             256
-             ReLU-16          [-1, 128, 16, 16]               0
-          Dropout-17          [-1, 128, 16, 16]               0
-           Conv2d-18          [-1, 256, 16, 16]         294,912
-        MaxPool2d-19            [-1, 256, 8, 8]               0
-      BatchNorm2d-20            [-1, 256, 8, 8]             512
-             ReLU-21            [-1, 256, 8, 8]               0
-          Dropout-22            [-1, 256, 8, 8]               0
-           Conv2d-23            [-1, 512, 8, 8]       1,179,648
-        MaxPool2d-24            [-1, 512, 4, 4]               0
-      BatchNorm2d-25            [-1, 512, 4, 4]           1,024
-             ReLU-26            [-1, 512, 4, 4]               0
-          Dropout-27            [-1, 512, 4, 4]               0
-           Conv2d-28            [-1, 512, 4, 4]       2,359,296
-      BatchNorm2d-29            [-1, 512, 4, 4]           1,024
-             ReLU-30            [-1, 512, 4, 4]               0
-          Dropout-31            [-1, 512, 4, 4]               0
-           Conv2d-32            [-1, 512, 4, 4]       2,359,296
-      BatchNorm2d-33            [-1, 512, 4, 4]           1,024
-             ReLU-34            [-1, 512, 4, 4]               0
-          Dropout-35            [-1, 512, 4, 4]               0
-        MaxPool2d-36            [-1, 512, 1, 1]               0
-           Linear-37                   [-1, 10]           5,130
-"""
-
-# 004_ca5c2c8e2cd39bc0.txt, session 11 (torchinfo, depth 3, input [1, 3, 32, 32]).
-R18_004 = """
-ResNet                                   [1, 3, 32, 32]   --               [1, 10]          --               True
-├─Conv2d: 1-1                            [1, 3, 32, 32]   [3, 3]           [1, 64, 32, 32]  1,728            True
-├─BatchNorm2d: 1-2                       [1, 64, 32, 32]  --               [1, 64, 32, 32]  128              True
-├─Sequential: 1-3                        [1, 64, 32, 32]  --               [1, 64, 32, 32]  --               True
-│    └─BasicBlock: 2-1                   [1, 64, 32, 32]  --               [1, 64, 32, 32]  --               True
-│    │    └─Conv2d: 3-1                  [1, 64, 32, 32]  [3, 3]           [1, 64, 32, 32]  36,864           True
-│    │    └─BatchNorm2d: 3-2             [1, 64, 32, 32]  --               [1, 64, 32, 32]  128              True
-│    │    └─Conv2d: 3-3                  [1, 64, 32, 32]  [3, 3]           [1, 64, 32, 32]  36,864           True
-│    │    └─BatchNorm2d: 3-4             [1, 64, 32, 32]  --               [1, 64, 32, 32]  128              True
-│    │    └─Sequential: 3-5              [1, 64, 32, 32]  --               [1, 64, 32, 32]  --               --
-│    └─BasicBlock: 2-2                   [1, 64, 32, 32]  --               [1, 64, 32, 32]  --               True
-│    │    └─Conv2d: 3-6                  [1, 64, 32, 32]  [3, 3]           [1, 64, 32, 32]  36,864           True
-│    │    └─BatchNorm2d: 3-7             [1, 64, 32, 32]  --               [1, 64, 32, 32]  128              True
-│    │    └─Conv2d: 3-8                  [1, 64, 32, 32]  [3, 3]           [1, 64, 32, 32]  36,864           True
-│    │    └─BatchNorm2d: 3-9             [1, 64, 32, 32]  --               [1, 64, 32, 32]  128              True
-│    │    └─Sequential: 3-10             [1, 64, 32, 32]  --               [1, 64, 32, 32]  --               --
-├─Sequential: 1-4                        [1, 64, 32, 32]  --               [1, 128, 16, 16] --               True
-│    └─BasicBlock: 2-3                   [1, 64, 32, 32]  --               [1, 128, 16, 16] --               True
-│    │    └─Conv2d: 3-11                 [1, 64, 32, 32]  [3, 3]           [1, 128, 16, 16] 73,728           True
-│    │    └─BatchNorm2d: 3-12            [1, 128, 16, 16] --               [1, 128, 16, 16] 256              True
-│    │    └─Conv2d: 3-13                 [1, 128, 16, 16] [3, 3]           [1, 128, 16, 16] 147,456          True
-│    │    └─BatchNorm2d: 3-14            [1, 128, 16, 16] --               [1, 128, 16, 16] 256              True
-│    │    └─Sequential: 3-15             [1, 64, 32, 32]  --               [1, 128, 16, 16] 8,448            True
-│    └─BasicBlock: 2-4                   [1, 128, 16, 16] --               [1, 128, 16, 16] --               True
-│    │    └─Conv2d: 3-16                 [1, 128, 16, 16] [3, 3]           [1, 128, 16, 16] 147,456          True
-│    │    └─BatchNorm2d: 3-17            [1, 128, 16, 16] --               [1, 128, 16, 16] 256              True
-│    │    └─Conv2d: 3-18                 [1, 128, 16, 16] [3, 3]           [1, 128, 16, 16] 147,456          True
-│    │    └─BatchNorm2d: 3-19            [1, 128, 16, 16] --               [1, 128, 16, 16] 256              True
-│    │    └─Sequential: 3-20             [1, 128, 16, 16] --               [1, 128, 16, 16] --               --
-├─Sequential: 1-5                        [1, 128, 16, 16] --               [1, 256, 8, 8]   --               True
-│    └─BasicBlock: 2-5                   [1, 128, 16, 16] --               [1, 256, 8, 8]   --               True
-│    │    └─Conv2d: 3-21                 [1, 128, 16, 16] [3, 3]           [1, 256, 8, 8]   294,912          True
-│    │    └─BatchNorm2d: 3-22            [1, 256, 8, 8]   --               [1, 256, 8, 8]   512              True
-│    │    └─Conv2d: 3-23                 [1, 256, 8, 8]   [3, 3]           [1, 256, 8, 8]   589,824          True
-│    │    └─BatchNorm2d: 3-24            [1, 256, 8, 8]   --               [1, 256, 8, 8]   512              True
-│    │    └─Sequential: 3-25             [1, 128, 16, 16] --               [1, 256, 8, 8]   33,280           True
-│    └─BasicBlock: 2-6                   [1, 256, 8, 8]   --               [1, 256, 8, 8]   --               True
-│    │    └─Conv2d: 3-26                 [1, 256, 8, 8]   [3, 3]           [1, 256, 8, 8]   589,824          True
-│    │    └─BatchNorm2d: 3-27            [1, 256, 8, 8]   --               [1, 256, 8, 8]   512              True
-│    │    └─Conv2d: 3-28                 [1, 256, 8, 8]   [3, 3]           [1, 256, 8, 8]   589,824          True
-│    │    └─BatchNorm2d: 3-29            [1, 256, 8, 8]   --               [1, 256, 8, 8]   512              True
-│    │    └─Sequential: 3-30             [1, 256, 8, 8]   --               [1, 256, 8, 8]   --               --
-├─Sequential: 1-6                        [1, 256, 8, 8]   --               [1, 512, 4, 4]   --               True
-│    └─BasicBlock: 2-7                   [1, 256, 8, 8]   --               [1, 512, 4, 4]   --               True
-│    │    └─Conv2d: 3-31                 [1, 256, 8, 8]   [3, 3]           [1, 512, 4, 4]   1,179,648        True
-│    │    └─BatchNorm2d: 3-32            [1, 512, 4, 4]   --               [1, 512, 4, 4]   1,024            True
-│    │    └─Conv2d: 3-33                 [1, 512, 4, 4]   [3, 3]           [1, 512, 4, 4]   2,359,296        True
-│    │    └─BatchNorm2d: 3-34            [1, 512, 4, 4]   --               [1, 512, 4, 4]   1,024            True
-│    │    └─Sequential: 3-35             [1, 256, 8, 8]   --               [1, 512, 4, 4]   132,096          True
-│    └─BasicBlock: 2-8                   [1, 512, 4, 4]   --               [1, 512, 4, 4]   --               True
-│    │    └─Conv2d: 3-36                 [1, 512, 4, 4]   [3, 3]           [1, 512, 4, 4]   2,359,296        True
-│    │    └─BatchNorm2d: 3-37            [1, 512, 4, 4]   --               [1, 512, 4, 4]   1,024            True
-│    │    └─Conv2d: 3-38                 [1, 512, 4, 4]   [3, 3]           [1, 512, 4, 4]   2,359,296        True
-│    │    └─BatchNorm2d: 3-39            [1, 512, 4, 4]   --               [1, 512, 4, 4]   1,024            True
-│    │    └─Sequential: 3-40             [1, 512, 4, 4]   --               [1, 512, 4, 4]   --               --
-├─Linear: 1-7                            [1, 512]         --               [1, 10]          5,130            True
-"""
-
-# Not a seed: the fast preset's network as airbench94's paper describes it (Jordan 2024, arXiv:2404.00498,
-# figure 1), written out in torchsummary's format by hand.
-FAST_NET_PAPER = """
-          Conv2d-1         [-1, 24, 31, 31]             312
-            GELU-2         [-1, 24, 31, 31]               0
-          Conv2d-3         [-1, 64, 31, 31]          13,824
-       MaxPool2d-4         [-1, 64, 15, 15]               0
-     BatchNorm2d-5         [-1, 64, 15, 15]             128
-            GELU-6         [-1, 64, 15, 15]               0
-          Conv2d-7         [-1, 64, 15, 15]          36,864
-     BatchNorm2d-8         [-1, 64, 15, 15]             128
-            GELU-9         [-1, 64, 15, 15]               0
-         Conv2d-10        [-1, 256, 15, 15]         147,456
-      MaxPool2d-11          [-1, 256, 7, 7]               0
-    BatchNorm2d-12          [-1, 256, 7, 7]             512
-           GELU-13          [-1, 256, 7, 7]               0
-         Conv2d-14          [-1, 256, 7, 7]         589,824
-    BatchNorm2d-15          [-1, 256, 7, 7]             512
-           GELU-16          [-1, 256, 7, 7]               0
-         Conv2d-17          [-1, 256, 7, 7]         589,824
-      MaxPool2d-18          [-1, 256, 3, 3]               0
-    BatchNorm2d-19          [-1, 256, 3, 3]             512
-           GELU-20          [-1, 256, 3, 3]               0
-         Conv2d-21          [-1, 256, 3, 3]         589,824
-    BatchNorm2d-22          [-1, 256, 3, 3]             512
-           GELU-23          [-1, 256, 3, 3]               0
-      MaxPool2d-24          [-1, 256, 1, 1]               0
-         Linear-25                 [-1, 10]           2,560
-"""
 
 SEED_TABLES: list[tuple[str, SeedTable]] = [
-    ("a7_net", SeedTable("001", A7_001, dropout=0.1)),
-    ("custom_resnet_a8", SeedTable("000", A8_000, containers=("ResBlock",))),
-    ("custom_resnet", SeedTable("002", A10_002)),
-    ("custom_resnet", SeedTable("003", A10_003, dropout=0.1)),
-    ("resnet18", SeedTable("004", R18_004, depth=3)),
-    ("fast_net", SeedTable("paper", FAST_NET_PAPER)),
+    # 001_dea78ac8cdc61ff3.txt, assignment 7 (torchsummary). Dropout's p is not printed; any p > 0 puts the
+    # Dropout rows in.
+    ("a7_net", SeedTable("001", _table("001_a7_net"), dropout=0.1)),
+    # 000_7d5530676d166a7a.txt, assignment 8 (torchsummary). ResBlock-14 and -29 are container rows.
+    ("custom_resnet_a8", SeedTable("000", _table("000_custom_resnet_a8"), containers=("ResBlock",))),
+    # 002_83aa6d7748cf0418.txt, assignment 10, long write-up (torchsummary, no dropout).
+    ("custom_resnet", SeedTable("002", _table("002_custom_resnet"))),
+    # 003_35b08997a8aa459e.txt, assignment 10, second write-up (torchsummary, dropout after blocks).
+    ("custom_resnet", SeedTable("003", _table("003_custom_resnet"), dropout=0.1)),
+    # 004_ca5c2c8e2cd39bc0.txt, session 11 (torchinfo, depth 3, input [1, 3, 32, 32]).
+    ("resnet18", SeedTable("004", _table("004_resnet18"), depth=3)),
+    # Not a seed: the fast preset's network as airbench94's paper describes it (Jordan 2024, arXiv:2404.00498,
+    # figure 1), written out in torchsummary's format by hand.
+    ("fast_net", SeedTable("paper", _table("paper_fast_net"))),
 ]
 
 
@@ -477,10 +250,10 @@ def test_fast_net_whitening_layer_decorrelates_the_training_patches():
 
 
 def test_build_model_initialises_a_data_dependent_network_from_the_training_images():
-    from cifarlab.models.classifier import Classifier, build_model
-    from cifarlab.params import ModelParams
-    from cifarlab.runtime import Runtime
-    from cifarlab.sources import make_synthetic
+    from cifarlab.engine.classifier import Classifier, build_model
+    from cifarlab.config.params import ModelParams
+    from cifarlab.engine.runtime import Runtime
+    from cifarlab.data.sources import make_synthetic
 
     runtime = Runtime(torch.device("cpu"), "fp32", False, 0)
     images = make_synthetic(200, 10, seed=0).train.images

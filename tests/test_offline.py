@@ -21,8 +21,8 @@ def test_importing_the_stages_libraries_needs_no_network(tmp_path):
     env = tool_env()
     env.pop("NO_ALBUMENTATIONS_UPDATE", None)
     env["PYTHONPATH"] = f"{tmp_path}:{REPO / 'src'}"
-    modules = ["cifarlab.augment", "cifarlab.storage", "cifarlab.sources", "cifarlab.loaders", "cifarlab.loops", "cifarlab.trainer", "cifarlab.lr_finder", "cifarlab.report",
-               "cifarlab.gradcam", "cifarlab.metrics", "albumentations", "dvclive", "torch_lr_finder"]
+    modules = ["cifarlab.data.augment", "cifarlab.data.storage", "cifarlab.data.sources", "cifarlab.data.loaders", "cifarlab.engine.loops", "cifarlab.pipeline.train", "cifarlab.pipeline.lr_find", "cifarlab.pipeline.report.document",
+               "cifarlab.engine.gradcam", "cifarlab.engine.metrics", "albumentations", "dvclive", "torch_lr_finder"]
     code = "import socket, urllib.request\n" + "".join(f"import {m}\n" for m in modules) + (
         "import time; time.sleep(3)\n"   # albumentations checks in a thread: give it time to warn
         "socket.getaddrinfo('pypi.org', 443)\n")

@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 import yaml
 
-from cifarlab.params import apply_overrides, ParamsError, load_params, parse_params
+from cifarlab.config.params import apply_overrides, ParamsError, load_params, parse_params
 from conftest import REPO, merge
 
 

@@ -3,24 +3,23 @@
 `dvc exp run -S preset=assignment7` composes conf/config.yaml (the base: every key) with
 conf/preset/assignment7.yaml into params.yaml. These tests compose exactly as DVC does
 (`dvc.utils.hydra.compose_and_dump`, the function `dvc exp run` calls), check each preset against
-its seed write-up, check the default composition is the committed params.yaml, and run two
-presets end to end as named experiments in a temporary repo.
+its seed write-up and check the default composition is the committed params.yaml (tests/e2e/test_preset_runs.py runs
+two presets end to end as named experiments in a temporary repo).
 
-Regenerate params.yaml after editing conf/:  python -m cifarlab.compose
+Regenerate params.yaml after editing conf/:  python -m cifarlab compose
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 
 import pytest
 import yaml
 
-from cifarlab.compose import PARAMS_HEADER, body, params_text, uncommented
-from cifarlab.lr_rules import RULES
-from conftest import PRESET_A_MAX_LR, REPO, TINY_RUN, exp_rows, make_repo, ran_stages, run
+from cifarlab.config.compose import PARAMS_HEADER, body, params_text, uncommented
+from cifarlab.config.lr_rules import RULES
+from conftest import REPO, run
 from conftest import composed as compose, composed_text as compose_text   # this checkout's conf/
 
 CONF = REPO / "conf"
@@ -53,7 +52,7 @@ def test_the_recipe_is_the_assignment_recipe():
 
 
 def test_a_recipe_key_a_preset_leaves_unset_is_one_clear_line(tmp_path):
-    from cifarlab.params import ParamsError, parse_params
+    from cifarlab.config.params import ParamsError, parse_params
 
     raw = compose()
     raw["train"]["epochs"] = "???"          # what Hydra writes for a `???` no preset filled in
@@ -91,8 +90,8 @@ def test_preset_sets_the_whole_recipe(preset):
 
 @pytest.mark.parametrize("preset", sorted(SEEDS))
 def test_preset_composes_into_valid_params_with_the_seed_recipe(preset):
-    from cifarlab.models import model_names
-    from cifarlab.params import parse_params
+    from cifarlab.models.names import model_names
+    from cifarlab.config.params import parse_params
 
     params = parse_params(compose([f"preset={preset}"]))
     seed = SEEDS[preset]
@@ -142,16 +141,16 @@ def test_default_composition_is_the_committed_params_yaml():
     assert compose_text([f"preset={DEFAULT_PRESET}"]) == composed
     committed = (REPO / "params.yaml").read_text()
     assert yaml.safe_load(committed) == yaml.safe_load(composed), \
-        "params.yaml differs from the composition of conf/: edit conf/, then run `python -m cifarlab.compose`"
+        "params.yaml differs from the composition of conf/: edit conf/, then run `python -m cifarlab compose`"
     assert uncommented(committed) == composed, \
-        "params.yaml is not the composition's text: run `python -m cifarlab.compose`"
+        "params.yaml is not the composition's text: run `python -m cifarlab compose`"
     assert committed.startswith(PARAMS_HEADER)
     assert committed == params_text(CONF)
 
 
 def test_compose_command_writes_and_checks_params_yaml(tmp_path):
     shutil.copytree(CONF, tmp_path / "conf")
-    compose_cli = [sys.executable, "-m", "cifarlab.compose"]
+    compose_cli = [sys.executable, "-m", "cifarlab", "compose"]
     result = run([*compose_cli, "--check"], tmp_path, check=False)
     assert result.returncode == 1 and "params.yaml is not the composition of conf/" in result.stderr
     run(compose_cli, tmp_path)
@@ -212,7 +211,7 @@ def test_quick_budget_sets_only_what_costs_time():
 
 @pytest.mark.parametrize("preset", sorted(SEEDS))
 def test_quick_budget_with_each_preset(preset):
-    from cifarlab.params import parse_params
+    from cifarlab.config.params import parse_params
 
     full, quick = compose([f"preset={preset}"]), compose([f"preset={preset}", "budget=quick"])
     changed = {key for key, value in flatten(quick).items() if flatten(full)[key] != value}
@@ -239,7 +238,7 @@ def test_quick_range_test_can_read_a_minimum_from_its_16th_point():
     range test's LR at that point must sit below the lowest loss minimum measured at the quick batch
     (5e-4, assignment 8's raw losses on the synthetic set), and its last LR above the highest (8e-2,
     assignment 7)."""
-    from cifarlab.lr_rules import MIN_WINDOW, SKIP_START
+    from cifarlab.config.lr_rules import MIN_WINDOW, SKIP_START
 
     start, end, points = QUICK["lr_find.start_lr"], QUICK["lr_find.end_lr"], QUICK["lr_find.num_iter"]
     first_readable_minimum = start * (end / start) ** ((SKIP_START + MIN_WINDOW) / (points - 1))
@@ -252,94 +251,17 @@ def test_every_key_in_params_yaml_is_commented():
     assert missing == [], "keys without a comment in conf/config.yaml"
 
 
-# --- end to end: two presets as named experiments, compared, tagged ------------------------------
-
-@pytest.mark.e2e
-def test_presets_run_as_named_experiments_and_compare(preset_runs, tmp_path):
-    """assignment7 ("a") and assignment10 ("b") as named experiments (conftest.preset_runs): each
-    takes its preset's recipe; TINY_RUN (composed after it) keeps the run tiny; `-S` on the command
-    line wins over both."""
-    work, _ = preset_runs
-    rows = exp_rows(json.loads(run(["dvc", "exp", "show", "--json"], work).stdout))
-    assert {"a", "b"} <= set(rows)
-    for name, preset, max_lr in (("a", "assignment7", PRESET_A_MAX_LR), ("b", "assignment10", TINY_RUN["train"]["max_lr"])):
-        params = rows[name]["params"]["params.yaml"]["data"]
-        recipe = compose([f"preset={preset}"])
-        for section in ("model", "augment", "optim", "report"):      # the preset's, untouched by TINY_RUN
-            assert params[section] == recipe[section], (name, section)
-        assert params["model"]["name"] == SEEDS[preset]["model"]
-        assert (params["train"]["epochs"], params["train"]["max_lr"]) == (1, max_lr)
-        assert 0.0 <= rows[name]["metrics"]["metrics/test.json"]["data"]["accuracy"] <= 1.0
-        assert rows[name]["metrics"]["metrics/training.json"]["data"]["max_lr"] == max_lr
-
-    out = tmp_path / "exp_plots"
-    run(["dvc", "plots", "diff", "a", "b", "-o", str(out)], work)
-    html = (out / "index.html").read_text()
-    assert '"a"' in html and '"b"' in html and "Accuracy per epoch" in html
-
-    # Keep each run as a commit and tag it by assignment; plots then compare across revisions.
-    for name, tag in (("a", "assignment-7"), ("b", "assignment-10")):
-        run(["dvc", "exp", "branch", name, f"run-{name}"], work)
-        run(["git", "tag", tag, f"run-{name}"], work)
-    out = tmp_path / "tag_plots"
-    run(["dvc", "plots", "diff", "assignment-7", "assignment-10", "-o", str(out)], work)
-    html = (out / "index.html").read_text()
-    assert '"assignment-7"' in html and '"assignment-10"' in html and "Accuracy per epoch" in html
-
-
-@pytest.mark.e2e
-def test_quick_budget_runs_a_preset_end_to_end(tmp_path, monkeypatch):
-    """`dvc exp run -S preset=assignment7 -S budget=quick` on the synthetic set: the preset's recipe
-    with the quick budget's cuts, on class-balanced subsets taken when the stages load data/ (which
-    keeps the whole split, so changing a subset never reruns download)."""
-    import math
-    import time
-
-
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    work = make_repo(tmp_path, {"data": {"source": "synthetic"}})     # only the source: the budget's keys stay
-    started = time.perf_counter()
-    result = run(["dvc", "exp", "run", "-n", "a7-quick", "-S", "preset=assignment7", "-S", "budget=quick"], work)
-    print(f"assignment7, budget quick: {time.perf_counter() - started:.0f} s")
-    assert ran_stages(result.stdout) == set(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
-
-    params = exp_rows(json.loads(run(["dvc", "exp", "show", "--json"], work).stdout))["a7-quick"]["params"]
-    params = params["params.yaml"]["data"]
-    assert (params["report"]["preset"], params["budget"]["name"]) == ("assignment7", "quick")
-    assert params["model"]["name"] == SEEDS["assignment7"]["model"]
-    for key, value in QUICK.items():
-        section, name = key.split(".")
-        assert params[section][name] == value, key
-
-    train_size, test_size = QUICK["data.train_subset"], QUICK["data.test_subset"]
-    meta = json.loads((work / "data" / "meta.json").read_text())
-    assert (meta["train_size"], meta["test_size"]) == (5000, 1000)          # data/ holds the whole synthetic split
-    assert f"on {train_size} synthetic images" in result.stdout               # train saw the subset
-    evaluation = json.loads((work / "metrics" / "evaluate.json").read_text())
-    assert evaluation["test_images"] == test_size                             # evaluate measured the test subset
-    assert sum(1 for _ in (work / "plots" / "confusion.csv").open()) == test_size + 1
-    lr_find = json.loads((work / "metrics" / "lr_find.json").read_text())
-    assert lr_find["iterations"] <= QUICK["lr_find.num_iter"] and lr_find["max_lr"] < lr_find["loss_minimum_lr"]
-    steps = (work / "plots" / "lr_schedule.csv").read_text().splitlines()[1:]
-    assert len(steps) == QUICK["train.epochs"] * math.ceil(train_size / QUICK["train.batch_size"])
-
-    smaller = run(["dvc", "exp", "run", "-n", "a7-quick-50", "-S", "preset=assignment7", "-S", "budget=quick",
-                   "-S", "data.test_subset=50"], work)
-    assert ran_stages(smaller.stdout) == {"train", "evaluate", "report"}    # no new download, no new range test
-    assert json.loads((work / "metrics" / "evaluate.json").read_text())["test_images"] == 50
-
-
 # --- the README's preset table -----------------------------------------------------------------------
 
 def test_readme_preset_table_is_generated_from_the_presets(monkeypatch):
-    from cifarlab import preset_table
+    from cifarlab.config import preset_table
 
     monkeypatch.chdir(REPO)
-    assert preset_table.main(["--check"]) == 0, "run `python -m cifarlab.preset_table`"
+    assert preset_table.main(["--check"]) == 0, "run `python -m cifarlab preset-table`"
 
 
 def test_preset_table_follows_the_preset_files(tmp_path):
-    from cifarlab import preset_table
+    from cifarlab.config import preset_table
 
     conf = tmp_path / "conf"
     shutil.copytree(CONF, conf)

@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from cifarlab import dvcfile, paths
-from cifarlab.params import AugmentParams, ReportParams
-from cifarlab.report import (COPIED_FIGURES, SECTIONS, RunIdentity, RunSummary, _anchor, augmentation, header, pct,
+from cifarlab.config.params import AugmentParams, ReportParams
+from cifarlab.pipeline.report.document import (COPIED_FIGURES, SECTIONS, RunIdentity, RunSummary, _anchor, augmentation, header, pct,
                              result, run_identity, run_table, training_curves)
 from conftest import REPO, TINY, run
 
@@ -227,7 +227,9 @@ def test_params_section_is_the_run_params(tiny, report):
 
 def test_report_fails_in_one_line_when_an_output_is_missing(tiny, tmp_path):
     work = tmp_path / "work"
-    shutil.copytree(tiny, work, ignore=shutil.ignore_patterns("data", "reports"))
+    shutil.copytree(tiny, work)
+    for output in ("data", "reports"):            # the stage outputs, not src/cifarlab/data
+        shutil.rmtree(work / output)
     (work / paths.EVAL_RUN).unlink()
     result = run(["python", "stages/report.py"], work, check=False)
     assert result.returncode == 1
@@ -377,7 +379,7 @@ def test_wording_follows_the_augmentation(summary, tmp_path):
                                              (False, "train (not augmented, during the epoch)"),
                                              (None, "train (during the epoch)")])
 def test_curves_legend_says_augmented_only_when_it_was(summary, augmented, label):
-    from cifarlab.plots import curves_figure
+    from cifarlab.pipeline.plots import curves_figure
 
     fig = curves_figure(summary.history, 0.9, train_augmented=augmented)
     assert [text.get_text() for text in fig.axes[0].get_legend().get_texts()][0] == label

@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cifarlab import runtime as runtime_module
+from cifarlab.config.params import parse_params
+from cifarlab.engine import runtime as runtime_module
+from cifarlab.engine.runtime import select_runtime
 from cifarlab.errors import CifarlabError
-from cifarlab.params import parse_params
-from cifarlab.runtime import select_runtime
 from conftest import merge
 
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from cifarlab.params import parse_params
-from cifarlab.schedule import OneCycle, build_optimizer, build_scheduler, onecycle_for, onecycle_lr
+from cifarlab.config.params import parse_params
+from cifarlab.engine.schedule import OneCycle, build_optimizer, build_scheduler, onecycle_for, onecycle_lr
 from conftest import merge
 
 # The seeds' assignment 10: 24 epochs x 98 batches (50,000 / 512), peak at the end of epoch 5,
@@ -77,9 +77,9 @@ def test_optimizers(default_params, name, cls):
 def test_bias_lr_scale_trains_biases_and_norm_shifts_at_a_multiple_of_the_lr(default_params):
     """optim.bias_lr_scale: a second param group (the normalisation layers' parameters) at scale x the
     LR and weight decay / scale, and OneCycle keeps that ratio at every step; frozen parameters train in none."""
-    from cifarlab.models.classifier import Classifier
-    from cifarlab.params import parse_params
-    from cifarlab.schedule import build_optimizer, build_scheduler, onecycle_for
+    from cifarlab.engine.classifier import Classifier
+    from cifarlab.config.params import parse_params
+    from cifarlab.engine.schedule import build_optimizer, build_scheduler, onecycle_for
 
     params = parse_params(merge(default_params, {"optim": {"name": "sgd", "bias_lr_scale": 64.0,
                                                            "weight_decay": 0.0128, "nesterov": True},

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cifarlab.params import ParamsError
-from cifarlab.sources import make_synthetic
-from cifarlab.storage import save_dataset
-from cifarlab.subset import balanced_indices, load_subset
+from cifarlab.config.params import ParamsError
+from cifarlab.data.sources import make_synthetic
+from cifarlab.data.storage import save_dataset
+from cifarlab.data.subset import balanced_indices, load_subset
 
 CLASSES = 10
 

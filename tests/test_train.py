@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from cifarlab import dvcfile
-from cifarlab.loops import DivergenceGuard, TrainingDiverged
+from cifarlab.engine.loops import DivergenceGuard, TrainingDiverged
 from conftest import composed_tiny, make_stage_dir, merge, params_in, run, tool_env, write_params
 
 # a7_net with dropout: small and fast, and its dropout draws from the global RNG, so an exact
@@ -168,9 +168,9 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(reference, tmp_path
 
 
 def fingerprint_of(work: Path, raw: dict, monkeypatch) -> str:
-    from cifarlab.runtime import select_runtime
-    from cifarlab.params import parse_params
-    from cifarlab.trainer import resolve_max_lr, run_fingerprint
+    from cifarlab.engine.runtime import select_runtime
+    from cifarlab.config.params import parse_params
+    from cifarlab.pipeline.train import resolve_max_lr, run_fingerprint
 
     monkeypatch.chdir(work)
     params = parse_params(raw)
@@ -246,9 +246,9 @@ def test_batch_larger_than_training_split(stage_dir):
 
 
 def test_fingerprint_depends_on_code_data_andparams_in(stage_dir, monkeypatch):
-    from cifarlab.runtime import select_runtime
-    from cifarlab.params import parse_params
-    from cifarlab.trainer import run_fingerprint
+    from cifarlab.engine.runtime import select_runtime
+    from cifarlab.config.params import parse_params
+    from cifarlab.pipeline.train import run_fingerprint
 
     monkeypatch.chdir(stage_dir)
     params = parse_params(params_in(stage_dir))
@@ -265,7 +265,7 @@ def test_fingerprint_depends_on_code_data_andparams_in(stage_dir, monkeypatch):
         with open(stage_dir / "src/cifarlab" / module, "a") as handle:
             handle.write("\n# an edit train does not depend on\n")
     assert run_fingerprint(params, runtime, 0.01) == base
-    with open(stage_dir / "src/cifarlab/trainer.py", "a") as handle:  # a train dep: a different run
+    with open(stage_dir / "src/cifarlab/pipeline/train.py", "a") as handle:  # a train dep: a different run
         handle.write("\n# an edit train depends on\n")
     changed_code = run_fingerprint(params, runtime, 0.01)
     assert changed_code != base
@@ -274,11 +274,11 @@ def test_fingerprint_depends_on_code_data_andparams_in(stage_dir, monkeypatch):
 
 
 def test_fingerprint_files_are_the_train_stage_deps(stage_dir):
-    from cifarlab.trainer import train_deps
+    from cifarlab.pipeline.train import train_deps
 
     stages = yaml.safe_load((stage_dir / "dvc.yaml").read_text())["stages"]
     assert train_deps(stage_dir) == dvcfile.paths(stages["train"], "deps")
-    assert "src/cifarlab/report.py" not in train_deps(stage_dir)
+    assert "src/cifarlab/pipeline/report/document.py" not in train_deps(stage_dir)
     (stage_dir / "dvc.yaml").unlink()
     result = train_in(stage_dir, check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
@@ -289,10 +289,10 @@ def test_fingerprint_files_are_the_train_stage_deps(stage_dir):
 
 def fit_here(raw_params: dict) -> None:
     """The train stage's `fit`, in this process (so torch.compile can be replaced), in the current directory."""
-    from cifarlab.storage import load_dataset
-    from cifarlab.runtime import select_runtime
-    from cifarlab.params import parse_params
-    from cifarlab.trainer import fit
+    from cifarlab.data.storage import load_dataset
+    from cifarlab.engine.runtime import select_runtime
+    from cifarlab.config.params import parse_params
+    from cifarlab.pipeline.train import fit
 
     params = parse_params(raw_params)
     fit(params, load_dataset(Path("data")), select_runtime(params.runtime))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cifarlab.metrics import FlipTranslateTTA
+from cifarlab.engine.metrics import FlipTranslateTTA
 
 
 class Probe(nn.Module):

@@ -31,8 +31,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from cifarlab.models import register_model
 from cifarlab.models.conv import Conv2d
+from cifarlab.models.registry import register_model
 
 
 def relu_bn(*convs: nn.Module, c_out: int, dropout: float = 0.0) -> nn.Sequential:

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from cifarlab.models import register_model
 from cifarlab.models.conv import Conv2d
+from cifarlab.models.registry import register_model
 
 
 def conv_bn_relu(c_in: int, c_out: int, pool: bool = False, dropout: float = 0.0, *,

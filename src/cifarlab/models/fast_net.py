@@ -24,8 +24,8 @@ from collections import OrderedDict
 import torch
 import torch.nn as nn
 
-from cifarlab.models import register_model
 from cifarlab.models.conv import Conv2d
+from cifarlab.models.registry import register_model
 
 WIDTHS = (64, 256, 256)
 WHITEN_CHANNELS = 24          # 12 eigenvectors of the 3 x 2 x 2 patch covariance, and their negatives
@@ -91,7 +91,7 @@ class FastNet(nn.Module):
         return self.fc(self.pool(x).flatten(1)) * LOGIT_SCALE
 
 
-@register_model(cam_layer="groups.group3.conv1", whitening="whiten",
+@register_model(cam_layer="groups.group3.conv1",
                 source="airbench94 (Jordan 2024), the fast preset; not a seed write-up")
 def fast_net(num_classes: int = 10, dropout: float = 0.0) -> nn.Module:
     return FastNet(num_classes, dropout)

@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cifarlab.models import register_model
 from cifarlab.models.conv import Conv2d
+from cifarlab.models.registry import register_model
 
 
 class BasicBlock(nn.Module):
