@@ -7,12 +7,12 @@ One run on one machine measures, for the model and batch size in params.yaml (cu
   reference  the loop the seed notebooks wrote: a torch Dataset applying an albumentations Compose
              (Normalize, pad + random crop, flip, cutout, ToTensorV2) per image, DataLoader with
              num_workers=0, fp32, NCHW, Adam, OneCycleLR stepped per batch, `loss.item()` and a
-             tqdm description every batch; the same network class
+             tqdm description every batch; the same network class (bench/reference_loop.py)
   step alone the pipeline path's step with its batches already on the device (no loader)
   loader     the pipeline's training loader alone (no model)
   eval       `loops.evaluate` over the test split
   compile    (--compile) the pipeline path with the model wrapped in torch.compile
-  epoch loop (--loop-epochs N, default 3) `trainer.fit` itself for N epochs in a scratch directory:
+  epoch loop (--loop-epochs N, default 3) `fit` (cifarlab.pipeline.train) itself for N epochs in a scratch directory:
              where each epoch's time goes (steps, loader start, test pass, state save, logging) and
              the fixed per-epoch overhead (everything but the steps and the test pass)
 
@@ -47,27 +47,23 @@ REPO = Path(__file__).resolve().parents[1]
 if sys.path[:1] != [str(REPO / "src")]:
     sys.path.insert(0, str(REPO / "src"))   # this checkout's library, as stages/_src.py does for the stages
 
-import albumentations as A  # noqa: E402  (after the path above)
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
+import cv2  # noqa: E402  (after the path above)
 import torch  # noqa: E402
-from albumentations.pytorch import ToTensorV2  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from cifarlab import paths  # noqa: E402
 from cifarlab.config.params import FIND, Params, apply_overrides, parse_params, read_yaml  # noqa: E402
-from cifarlab.data.augment import IMAGE_SIZE  # noqa: E402
 from cifarlab.data.loaders import augment_path, iterate_batches, train_loader  # noqa: E402
 from cifarlab.data.sources import make_synthetic  # noqa: E402
-from cifarlab.data.storage import CIFAR_MEAN, CIFAR_STD, Dataset, load_dataset, Split  # noqa: E402
+from cifarlab.data.storage import Dataset, load_dataset, Split  # noqa: E402
 from cifarlab.engine.classifier import build_model  # noqa: E402
 from cifarlab.engine.loops import DivergenceGuard, evaluate, train_one_epoch  # noqa: E402
 from cifarlab.engine.runtime import cpu_supports_bf16, Runtime, seed_everything, select_runtime, to_device  # noqa: E402
 from cifarlab.engine.schedule import build_optimizer, build_scheduler, onecycle_for  # noqa: E402
 from cifarlab.errors import CifarlabError  # noqa: E402
-from cifarlab.models.registry import create_model  # noqa: E402
 from cifarlab.pipeline.train import fit, resolve_max_lr  # noqa: E402
 from machine import describe_cpu  # noqa: E402  (bench/machine.py: this script's folder is on sys.path)
+from reference_loop import SeedStyleLoop  # noqa: E402  (bench/reference_loop.py: the seeds' loop)
 
 # The OneCycle peak when train.max_lr is `find` and this checkout has no usable lr_find output: the
 # timings do not depend on it, so the benchmark runs on without `dvc repro lr_find` and says so.
@@ -101,7 +97,7 @@ def working_directory(path: Path):
 
 
 def bench_max_lr(params: Params) -> tuple[float, str]:
-    """The OneCycle peak the train stage would use, resolved by the trainer's own `resolve_max_lr`
+    """The OneCycle peak the train stage would use, resolved by the train stage's own `resolve_max_lr`
     from the repository root, and where it came from; when train.max_lr is `find` and there is no
     usable lr_find output, FALLBACK_MAX_LR, labelled as such."""
     if params.train.max_lr != FIND:
@@ -256,9 +252,9 @@ class StepAlonePath(PipelinePath):
 
 
 def time_epoch_loop(params: Params, runtime: Runtime, dataset: Dataset, epochs: int) -> dict:
-    """The train stage's epoch loop itself: `trainer.fit` for `epochs` epochs over the benchmark's data,
+    """The train stage's epoch loop itself: `fit` (cifarlab.pipeline.train) for `epochs` epochs over the benchmark's data,
     run in a scratch directory (a copy of dvc.yaml, which the run fingerprint reads; everything fit
-    writes stays there). Returns train_speed.json's per-epoch phase times (see trainer._phase_times)."""
+    writes stays there). Returns train_speed.json's per-epoch phase times (see cifarlab.engine.timer)."""
     loop_params = replace(params, train=replace(params.train, epochs=epochs,
                                                 max_at_epoch=min(params.train.max_at_epoch, epochs)))
     with tempfile.TemporaryDirectory(prefix="bench-loop-") as tmp:
@@ -305,86 +301,19 @@ def time_loader(params: Params, runtime: Runtime, dataset: Dataset, warmup: int,
 
 # --- (b) the seed notebooks' loop ---------------------------------------------------------------
 
-class AlbumentationsDataset(torch.utils.data.Dataset):
-    """As the seeds subclass torchvision's CIFAR10: uint8 HWC arrays, a Compose per image."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: A.Compose):
-        self.images, self.labels, self.transform = images, labels, transform
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int):
-        image = self.transform(image=self.images[index])["image"]
-        return image, int(self.labels[index])
-
-
-def seed_style_transform(params: Params) -> A.Compose:
-    """The seeds' Compose with the same augmentation amounts the pipeline uses."""
-    aug = params.augment
-    size = IMAGE_SIZE + 2 * aug.pad
-    side = (aug.cutout_size, aug.cutout_size)
-    return A.Compose([
-        A.Normalize(mean=CIFAR_MEAN, std=CIFAR_STD),
-        A.PadIfNeeded(size, size, border_mode=cv2.BORDER_REFLECT_101),
-        A.RandomCrop(IMAGE_SIZE, IMAGE_SIZE),
-        A.HorizontalFlip(p=aug.hflip),
-        A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=side, hole_width_range=side,
-                        fill=0, p=aug.cutout_p),          # 0 = the mean colour after Normalize
-        ToTensorV2(),
-    ])
-
-
 class ReferencePath(TimedPath):
-    """The seeds' train loop over one epoch's DataLoader; `run(n)` continues it for n batches."""
+    """The seeds' loop (bench/reference_loop.py) as a timed path; `run(n)` continues it for n batches."""
 
     def __init__(self, params: Params, device: torch.device, dataset: Dataset, total_batches: int):
-        torch.manual_seed(params.train.seed)
-        train_set = AlbumentationsDataset(dataset.train.images, dataset.train.labels, seed_style_transform(params))
-        loader = torch.utils.data.DataLoader(train_set, batch_size=params.train.batch_size, shuffle=True,
-                                             num_workers=0)
-        self.device = device
-        self.model = create_model(params.model.name, num_classes=len(dataset.classes),
-                                  dropout=params.model.dropout).to(device)
-        max_lr = float(params.train.max_lr)   # resolved in main (bench_max_lr)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=max_lr / params.train.div_factor,
-                                          weight_decay=params.optim.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            self.optimizer, max_lr=max_lr, epochs=params.train.epochs, steps_per_epoch=len(loader),
-            pct_start=params.train.max_at_epoch / params.train.epochs, div_factor=params.train.div_factor,
-            final_div_factor=params.train.final_div_factor, three_phase=False, anneal_strategy="linear")
-        self.criterion = torch.nn.CrossEntropyLoss()
-        self.train_losses: list[float] = []
-        self.correct = self.processed = self.batch_idx = 0
-        self.iterator = iter(loader)
+        self.loop = SeedStyleLoop(params, device, dataset, total_batches)
+        self.iterator = self.loop.iterator
         self.timer = PathTimer()
-        self.pbar = tqdm(total=total_batches, leave=False)   # the seeds' `pbar = tqdm(train_loader)`
 
     def _train(self, batches: TimedBatches) -> int:
-        model, optimizer, pbar = self.model, self.optimizer, self.pbar
-        model.train()
-        images = 0
-        for data, target in batches:
-            data, target = data.to(self.device), target.to(self.device)
-            optimizer.zero_grad()
-            y_pred = model(data)
-            loss = self.criterion(y_pred, target)
-            self.train_losses.append(loss.item())
-            loss.backward()
-            optimizer.step()
-            self.scheduler.step()
-            pred = y_pred.argmax(dim=1, keepdim=True)
-            self.correct += pred.eq(target.view_as(pred)).sum().item()
-            self.processed += len(data)
-            images += len(data)
-            pbar.update(1)
-            pbar.set_description(f"Loss={loss.item()} Batch_id={self.batch_idx} "
-                                 f"Accuracy={100 * self.correct / self.processed:0.2f}")
-            self.batch_idx += 1
-        return images
+        return self.loop.train(batches)
 
     def close(self) -> None:
-        self.pbar.close()
+        self.loop.close()
 
 
 # --- eval ---------------------------------------------------------------------------------------
@@ -518,7 +447,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--both-augment-paths", action="store_true",
                         help="also time training on the other augmentation path (augment.path per_image vs batch)")
     parser.add_argument("--loop-epochs", type=int, default=3,
-                        help="epochs of the train stage's own epoch loop (trainer.fit) to run over the benchmark's "
+                        help="epochs of the train stage's own epoch loop (cifarlab.pipeline.train.fit) to run over the benchmark's "
                              "data, the first reported apart (default 3; 0 = skip)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
@@ -589,7 +518,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     del timed["pipeline_model"]
 
     if args.loop_epochs:
-        log(f"running the train stage's epoch loop (trainer.fit) for {args.loop_epochs} epochs")
+        log(f"running the train stage's epoch loop (cifarlab.pipeline.train.fit) for {args.loop_epochs} epochs")
         out.update(loop_results(time_epoch_loop(params, runtime, dataset, args.loop_epochs), len(dataset.train)))
         out["loop_over_step_alone"] = out["loop_images_per_s"] / out["step_alone_train_images_per_s"]
     else:

@@ -5,12 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from cifarlab.data.augment import (IMAGE_SIZE, MEAN_UINT8, PREVIEW_DRAWS, PREVIEW_GAP, augmentation_preview,
-                              build_train_transform, cell_origin, preview_indices, write_preview)
-from cifarlab.config.params import parse_params
+from cifarlab.config.params import IMAGE_SIDE, parse_params
+from cifarlab.data.augment import MEAN_UINT8, build_train_transform
 from cifarlab.data.loaders import GlobalBatchSampler, ImageDataset
 from cifarlab.data.sources import make_synthetic
 from cifarlab.engine.classifier import Normalize
+from cifarlab.pipeline.plots import (PREVIEW_DRAWS, PREVIEW_GAP, augmentation_preview, cell_origin, preview_indices,
+                                     write_preview)
 from conftest import merge
 
 
@@ -104,7 +105,8 @@ def test_preview_images_are_one_per_class_first():
 def _preview_png(params, seed, tmp_path, name="preview.png"):
     split = make_synthetic(60, 10, 0).train
     path = tmp_path / name
-    write_preview(params, split.images, split.labels, [f"class{i}" for i in range(10)], seed, path)
+    write_preview(params, build_train_transform, split.images, split.labels, [f"class{i}" for i in range(10)], seed,
+                  path)
     return path.read_bytes()
 
 
@@ -120,15 +122,16 @@ def _images_shown(fig, columns=4):
     (ax,) = fig.axes
     (shown,) = ax.get_images()
     shown = np.asarray(shown.get_array())
-    rows = (shown.shape[0] + PREVIEW_GAP) // (IMAGE_SIZE + PREVIEW_GAP)
-    assert shown.shape[:2] == (rows * (IMAGE_SIZE + PREVIEW_GAP) - PREVIEW_GAP, columns * (IMAGE_SIZE + PREVIEW_GAP) - PREVIEW_GAP)
-    return [[shown[y:y + IMAGE_SIZE, x:x + IMAGE_SIZE] for c in range(columns) for y, x in [cell_origin(r, c)]]
+    rows = (shown.shape[0] + PREVIEW_GAP) // (IMAGE_SIDE + PREVIEW_GAP)
+    assert shown.shape[:2] == (rows * (IMAGE_SIDE + PREVIEW_GAP) - PREVIEW_GAP, columns * (IMAGE_SIDE + PREVIEW_GAP) - PREVIEW_GAP)
+    return [[shown[y:y + IMAGE_SIDE, x:x + IMAGE_SIDE] for c in range(columns) for y, x in [cell_origin(r, c)]]
             for r in range(rows)]
 
 
 def test_preview_rows_are_the_stored_images_then_draws(default_params):
     images = make_synthetic(40, 10, 0).train.images[:4]
-    fig = augmentation_preview(augment_params(default_params), images, ["a", "b", "c", "d"], seed=1)
+    fig = augmentation_preview(augment_params(default_params), build_train_transform, images, ["a", "b", "c", "d"],
+                               seed=1)
     rows = _images_shown(fig)
     assert len(rows) == 1 + PREVIEW_DRAWS
     assert all(np.array_equal(shown, image) for shown, image in zip(rows[0], images))
@@ -140,7 +143,7 @@ def test_preview_rows_are_the_stored_images_then_draws(default_params):
 def test_preview_without_augmentation_says_so_instead_of_repeating_rows(default_params):
     images = make_synthetic(40, 10, 0).train.images[:4]
     params = augment_params(default_params, pad=0, hflip=0.0, cutout_size=0)
-    fig = augmentation_preview(params, images, ["a", "b", "c", "d"], seed=1)
+    fig = augmentation_preview(params, build_train_transform, images, ["a", "b", "c", "d"], seed=1)
     rows = _images_shown(fig)
     assert len(rows) == 1 and all(np.array_equal(shown, image) for shown, image in zip(rows[0], images))
     title = " ".join(fig._suptitle.get_text().split())

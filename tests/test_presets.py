@@ -27,7 +27,7 @@ DEFAULT_PRESET = "assignment10"
 DEFAULT_BUDGET = "full"
 BUDGETS = sorted(path.stem for path in (CONF / "budget").glob("*.yaml"))   # the folder is the one list of names
 
-# The seeds' recipe numbers (shared/seeds/README.md): model, batch size, epochs, and the target
+# The seeds' recipe numbers (the write-ups each conf/preset/*.yaml names): model, batch size, epochs, and the target
 # accuracy where the write-up states one (assignment 7 and 8 do not: see their preset files).
 # "writeup" is the test accuracy each write-up reported itself: its last epoch's "Test set" line (A7
 # 8361/10000, A8 3345/10000 after diverging, A10 long write-up 9264/10000) or, for S11, the "~82%" of

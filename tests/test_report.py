@@ -16,8 +16,9 @@ import yaml
 
 from cifarlab import dvcfile, paths
 from cifarlab.config.params import AugmentParams, ReportParams
-from cifarlab.pipeline.report.document import (COPIED_FIGURES, SECTIONS, RunIdentity, RunSummary, _anchor, augmentation, header, pct,
-                             result, run_identity, run_table, training_curves)
+from cifarlab.pipeline.report.sections import (SECTIONS, _anchor, augmentation, header, pct, result, run_table,
+                                               training_curves)
+from cifarlab.pipeline.report.summary import COPIED_FIGURES, RunIdentity, RunSummary, run_identity
 from conftest import REPO, TINY, run
 
 

@@ -170,7 +170,8 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(reference, tmp_path
 def fingerprint_of(work: Path, raw: dict, monkeypatch) -> str:
     from cifarlab.engine.runtime import select_runtime
     from cifarlab.config.params import parse_params
-    from cifarlab.pipeline.train import resolve_max_lr, run_fingerprint
+    from cifarlab.engine.resume import run_fingerprint
+    from cifarlab.pipeline.train import resolve_max_lr
 
     monkeypatch.chdir(work)
     params = parse_params(raw)
@@ -248,7 +249,7 @@ def test_batch_larger_than_training_split(stage_dir):
 def test_fingerprint_depends_on_code_data_andparams_in(stage_dir, monkeypatch):
     from cifarlab.engine.runtime import select_runtime
     from cifarlab.config.params import parse_params
-    from cifarlab.pipeline.train import run_fingerprint
+    from cifarlab.engine.resume import run_fingerprint, train_deps
 
     monkeypatch.chdir(stage_dir)
     params = parse_params(params_in(stage_dir))
@@ -261,7 +262,8 @@ def test_fingerprint_depends_on_code_data_andparams_in(stage_dir, monkeypatch):
     for subset in ({"train_subset": 100}, {"test_subset": 100}):      # other images: not the same run
         assert run_fingerprint(parse_params(merge(params_in(stage_dir), {"data": subset})), runtime, 0.01) != base
     # code: exactly the files dvc.yaml lists as train's deps (one list for DVC and for resuming)
-    for module in ("report.py", "plots.py", "gradcam.py"):             # not train's deps: the state survives
+    for module in ("pipeline/report/document.py", "engine/gradcam.py", "engine/metrics.py"):   # not train's deps,
+        assert f"src/cifarlab/{module}" not in train_deps(stage_dir)                             # so the state survives
         with open(stage_dir / "src/cifarlab" / module, "a") as handle:
             handle.write("\n# an edit train does not depend on\n")
     assert run_fingerprint(params, runtime, 0.01) == base
@@ -274,7 +276,7 @@ def test_fingerprint_depends_on_code_data_andparams_in(stage_dir, monkeypatch):
 
 
 def test_fingerprint_files_are_the_train_stage_deps(stage_dir):
-    from cifarlab.pipeline.train import train_deps
+    from cifarlab.engine.resume import train_deps
 
     stages = yaml.safe_load((stage_dir / "dvc.yaml").read_text())["stages"]
     assert train_deps(stage_dir) == dvcfile.paths(stages["train"], "deps")
@@ -301,7 +303,7 @@ def fit_here(raw_params: dict) -> None:
 @pytest.mark.parametrize("compile_", [False, True])
 def test_runtime_compile_trains_through_torch_compile(stage_dir, tiny_params, monkeypatch, compile_):
     """With runtime.compile the training step runs through torch.compile's module (here a recording
-    stand-in: a real compilation takes ~40-80 s on this CPU); evaluation and the checkpoint use the
+    stand-in: a real compilation is slow on a CPU); evaluation and the checkpoint use the
     plain module, whose parameters the compiled one shares; train_speed.json says which ran."""
     compiled = []
 

@@ -165,7 +165,6 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
                   "--disable-component-update", "--no-first-run", "--virtual-time-budget=5000"]
 
 
-@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (apt-get install chromium)")
 def interactive_plots() -> list[str]:
     """The plots dvc.yaml declares that DVC draws with vega (every one but the PNG images)."""
     import yaml
@@ -183,6 +182,7 @@ def test_interactive_plots_are_the_curves_the_range_test_the_schedule_time_and_t
         "plots/time_to_accuracy.csv", "plots/per_class.csv", "plots/confusion.csv"])
 
 
+@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (apt-get install chromium)")
 def test_plots_diff_renders_offline_in_chromium(experiments, tmp_path):
     """The page as a browser with no network draws it: every interactive plot has a canvas with
     content, and the screenshot is not blank where the plots are."""

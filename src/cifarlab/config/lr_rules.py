@@ -3,16 +3,17 @@
 Numpy only (no torch): `params` imports the rule names and the minimum number of iterations from here, and
 `lr_finder` runs the range test whose curve these rules read.
 
-What real CIFAR-10 curves taught (see the README's preset table for the measurements):
+What real CIFAR-10 curves taught (the measurements are in docs/measurements.md; the rules'
+story in docs/lr-finder.md):
 - Past the smoothed loss minimum the curve says nothing useful. After divergence a network
   saturates and its loss drifts back down toward ln 10, so a rule that looks there (the old
-  `steepest`) picked 0.22 for assignment 8, 23x above the minimum, and training diverged.
+  `steepest`) picked an LR far above the minimum for assignment 8, and training diverged.
   So every rule sees only the *window* from the trimmed start up to (not including) the minimum,
   and every answer is strictly below the loss-minimum LR, checked.
 - Inside the window the steepest slope sits on the early descent, where the loss falls fast
   because the network is untrained, not because the LR is good: on the default preset's real
-  curve it was 5.9e-5, 30x below the known-good 1.7e-3, and session 11 trained at such a pick to
-  76% against its 85% target. The range test conflates the LR with training progress.
+  curve it lay far below the known-good LR, and session 11 trained at such a pick to well below its
+  target. The range test conflates the LR with training progress.
   `min_div_10` (a tenth of the loss-minimum LR, fastai's `lr_min` rule) depends only on where
   the curve turns, which is what the LR decides: it is the default.
 """

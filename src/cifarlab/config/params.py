@@ -1,8 +1,9 @@
 """params.yaml, loaded once into frozen typed sections.
 
-Every key is declared here with its type and allowed values. Loading rejects unknown keys (with a
-did-you-mean suggestion), wrong types and out-of-range values with one line that names the key,
-so a typo such as `train.max_lrr` stops a stage instead of being silently ignored.
+Every key is declared here with its type and allowed values (the value checks are in `checks.py`).
+Loading rejects unknown keys (with a did-you-mean suggestion), wrong types and out-of-range values
+with one line that names the key, so a typo such as `train.max_lrr` stops a stage instead of being
+silently ignored.
 
 params.yaml is parsed exactly as DVC parses it (`dvc.utils.serialize.parse_yaml`: ruamel.yaml,
 `typ="safe"`, YAML 1.2), so `1e-3` is the float 0.001 (PyYAML's YAML 1.1 would read the string
@@ -14,19 +15,22 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 from ruamel.yaml import YAML
 from ruamel.yaml.constructor import DuplicateKeyError
 from ruamel.yaml.error import YAMLError
 
 from cifarlab.config import lr_rules
+from cifarlab.config.checks import FIND  # noqa: F401  (re-exported: train.max_lr's word, imported with the sections)
+from cifarlab.config.checks import (any_int, auto_or, boolean, float_at_least, fraction_below_one, int_at_least, key,
+                                    lr_or_find, md5_hex, model_name, non_negative_int, null_or, one_of, positive_float,
+                                    positive_int, probability, text)
 from cifarlab.errors import CifarlabError
-from cifarlab.models.names import WHITENING, model_names
+from cifarlab.models.names import WHITENING
 
 
 class ParamsError(CifarlabError):
@@ -34,140 +38,6 @@ class ParamsError(CifarlabError):
 
 
 IMAGE_SIDE = 32     # CIFAR-10 and the synthetic set: 32 x 32 pixel images (the data files are checked for it)
-
-
-# --- checks: each returns the normalised value or raises ValueError("what is allowed") ---------
-
-def _number(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError("a number")
-    if not math.isfinite(value):
-        raise ValueError("a finite number")
-    return float(value)
-
-
-def positive_int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError("a whole number >= 1")
-    return value
-
-
-def non_negative_int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError("a whole number >= 0")
-    return value
-
-
-def any_int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError("a whole number")
-    return value
-
-
-def int_at_least(low: int, why: str = "") -> Callable[[Any], int]:
-    def check(value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"a whole number >= {low}{why}")
-        return value
-    return check
-
-
-def positive_float(value: Any) -> float:
-    if _number(value) <= 0:
-        raise ValueError("a number > 0")
-    return float(value)
-
-
-def float_at_least(low: float) -> Callable[[Any], float]:
-    def check(value: Any) -> float:
-        if _number(value) < low:
-            raise ValueError(f"a number >= {low:g}")
-        return float(value)
-    return check
-
-
-def probability(value: Any) -> float:
-    if not 0.0 <= _number(value) <= 1.0:
-        raise ValueError("a number from 0 to 1")
-    return float(value)
-
-
-def fraction_below_one(value: Any) -> float:
-    if not 0.0 <= _number(value) < 1.0:
-        raise ValueError("a number >= 0 and < 1")
-    return float(value)
-
-
-def boolean(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError("true or false")
-    return value
-
-
-def text(value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError("a non-empty string")
-    return value
-
-
-def one_of(*choices: str) -> Callable[[Any], str]:
-    def check(value: Any) -> str:
-        if value not in choices:
-            raise ValueError("one of " + ", ".join(choices))
-        return value
-    return check
-
-
-def auto_or(inner: Callable[[Any], Any], inner_name: str) -> Callable[[Any], Any]:
-    def check(value: Any) -> Any:
-        if value == "auto":
-            return value
-        try:
-            return inner(value)
-        except ValueError:
-            raise ValueError(f"auto or {inner_name}") from None
-    return check
-
-
-def null_or(inner: Callable[[Any], Any], inner_name: str) -> Callable[[Any], Any]:
-    def check(value: Any) -> Any:
-        if value is None:
-            return value
-        try:
-            return inner(value)
-        except ValueError:
-            raise ValueError(f"null or {inner_name}") from None
-    return check
-
-
-FIND = "find"   # train.max_lr's word for "take lr_find's suggestion" (resolved by the max_lr stage)
-
-
-def lr_or_find(value: Any) -> Union[float, str]:
-    if value == FIND:
-        return value
-    try:
-        return positive_float(value)
-    except ValueError:
-        raise ValueError("a number > 0 or `find` (take lr_find's suggestion)") from None
-
-
-def md5_hex(value: Any) -> str:
-    if not isinstance(value, str) or len(value) != 32 or any(c not in "0123456789abcdef" for c in value.lower()):
-        raise ValueError("32 hexadecimal digits")
-    return value.lower()
-
-
-def model_name(value: Any) -> str:
-    names = model_names()
-    if value not in names:
-        raise ValueError("one of " + ", ".join(names))
-    return value
-
-
-def key(check: Callable[[Any], Any]) -> Any:
-    """Declare a params key whose value must pass `check`."""
-    return field(metadata={"check": check})
 
 
 # --- sections -----------------------------------------------------------------------------------

@@ -61,8 +61,8 @@ class StateWriter:
     (on CUDA the device-to-host copy; on a CPU a memcpy into memory already mapped): that copy is
     all the training loop waits for. A thread then writes the file atomically (temporary name, then
     rename) while the next epoch trains, and without the zip CRC-32 of every record, which cost most
-    of a synchronous save (0.2 of 0.25 s for the default model's 79 MB on the 2-core CPU); a file that
-    does not load is not resumed anyway (`trainer.load_resume_state`).
+    of a synchronous save (measured: docs/measurements.md); a file that does not load is not resumed
+    anyway (`cifarlab.engine.resume.load_resume_state`).
 
     One write at a time: `save` first waits for the previous write. `wait()` waits for the last one
     and raises if it failed; the trainer calls it before it reports a state as saved (interruption,
@@ -120,8 +120,8 @@ class StateWriter:
 
 def _copy_into(buffer: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """`buffer.copy_(value)`; between CPU tensors that each fill their own storage, a plain memcpy of
-    the bytes (numpy): torch's copy_ runs each tensor as a parallel region, which on a 2-core machine
-    took 0.1 s for the default model's 26 MB of weights where the memcpy took 0.01 s."""
+    the bytes (numpy): torch's copy_ runs each tensor as a parallel region, ten times slower than the
+    memcpy on a 2-core machine (measured: docs/measurements.md)."""
     source, target = _own_bytes(value), _own_bytes(buffer)
     if source is None or target is None or source.shape != target.shape:
         return buffer.copy_(value)

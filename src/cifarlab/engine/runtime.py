@@ -68,10 +68,9 @@ def select_runtime(params: RuntimeParams) -> Runtime:
         raise CifarlabError("runtime.precision fp16 needs a CUDA device; use auto, bf16 or fp32 on CPU")
     channels_last = precision != "fp32" if params.channels_last == "auto" else params.channels_last
     if params.num_workers == "auto":
-        # On CPU one worker prepares the next batch while the model trains: measured with
-        # bench/throughput.py on 2 cores, the data wait fell from 19% to 2% of a step (a7_net,
-        # +16% images/s) and from 3% to 0.1% (custom_resnet, +3%); more workers would take cores
-        # from the training threads. On CUDA the CPU is otherwise idle: up to 8 workers.
+        # On CPU one worker prepares the next batch while the model trains, which hides most of the
+        # data wait (bench/throughput.py; docs/measurements.md); more workers would take cores from
+        # the training threads. On CUDA the CPU is otherwise idle: up to 8 workers.
         cores = os.cpu_count() or 1
         num_workers = (1 if cores > 1 else 0) if device.type == "cpu" else min(8, cores)
     else:

@@ -2,14 +2,13 @@
 weight gradient on small CPU feature maps as nine matrix products instead of oneDNN's kernel.
 
 On small maps oneDNN's bf16 weight gradient is several times slower than the forward pass of the same
-layer (256->256 at 3x3, batch 1024: 0.2 TFLOP/s, where a large bf16 matmul runs at 1.7 on the same two
-cores). The same gradient is the sum over the nine kernel taps of grad_out^T @ (the input shifted by
-that tap), each a plain [out, N*H*W] x [N*H*W, in] product. Measured on a 2-core Xeon with AMX (bf16,
-channels_last, batch 1024, `python bench/convgrad.py`, ms per batch): 256->256 at 3x3 56.8 -> 15.9,
-at 4x4 68.3 -> 28.0, at 5x5 73.1 -> 41.5; 512->512 at 4x4 351.9 -> 94.6; at 7x7 (92.0 -> 142.7) and
-8x8 (128->128: 30.8 -> 44.2) the shifted copies cost more than they save. So the matrix products are
-used for maps of at most `SMALL_MAP` pixels on the CPU, and everything else (the forward pass, the
-input gradient, larger maps, other geometries, CUDA) is torch's own convolution.
+layer, far below what the CPU's matrix units reach on a large matmul. The same gradient is the sum
+over the nine kernel taps of grad_out^T @ (the input shifted by that tap), each a plain
+[out, N*H*W] x [N*H*W, in] product. On larger maps the shifted copies cost more than they save
+(`python bench/convgrad.py` times both per layer shape; its figures are in docs/measurements.md). So
+the matrix products are used for maps of at most `SMALL_MAP` pixels on the CPU, and everything else
+(the forward pass, the input gradient, larger maps, other geometries, CUDA) is torch's own
+convolution.
 A drop-in: same arguments, parameters, state_dict and name in model summaries as `nn.Conv2d`; the
 gradient is the same sum, rounded in a different order. The models build every conv from it.
 """

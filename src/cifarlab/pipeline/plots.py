@@ -1,9 +1,13 @@
 """Matplotlib figures for the stages and the report. Each function returns a Figure; the caller
-saves it with `cifarlab.atomic.save_figure`."""
+saves it with `cifarlab.atomic.save_figure`. The one exception is the train stage's augmentation
+preview: `write_preview` picks its images and saves it."""
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+import itertools
+import textwrap
+from pathlib import Path
+from typing import Callable, Mapping, Optional, Sequence
 
 import matplotlib
 
@@ -11,6 +15,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from cifarlab import paths  # noqa: E402
+from cifarlab.atomic import save_figure  # noqa: E402
+from cifarlab.config.params import IMAGE_SIDE, AugmentParams  # noqa: E402
 
 
 def lr_find_figure(lrs: Sequence[float], losses: Sequence[float], candidates: Mapping[str, float], rule: str,
@@ -135,8 +143,6 @@ def gallery_figure(images: np.ndarray, titles: Sequence[str], title: str, column
 def _wrapped_suptitle(fig, title: str) -> None:
     """A figure title broken into lines that fit the figure: a figure of two images is narrower
     than its one-line title, which was cut at both edges."""
-    import textwrap
-
     chars = max(24, int(fig.get_figwidth() * 8.5))   # about 8.5 characters per inch at 12 pt
     fig.suptitle("\n".join(textwrap.wrap(title, chars)) or title)
 
@@ -195,3 +201,100 @@ def gradcam_figure(images: np.ndarray, predicted_cams: np.ndarray, true_cams: np
                  label="Grad-CAM, overlaid at 50% (1 = most evidence for the class)")
     _wrapped_suptitle(fig, title)
     return fig
+
+
+# --- the train stage's augmentation preview -------------------------------------------------------
+
+PREVIEW_IMAGES = 10    # training images in the preview, one per class while classes last
+PREVIEW_DRAWS = 4      # rows of random draws below the stored images
+PREVIEW_GAP = 6        # pixels of white between the preview's images (its mosaic is drawn in one image)
+
+# `cifarlab.data.augment.build_train_transform`: passed in rather than imported, so that the stages
+# that draw only the other figures (evaluate, report) neither import albumentations nor depend on it.
+BuildTransform = Callable[[AugmentParams, int], Callable[..., dict]]
+
+
+def preview_indices(labels: np.ndarray, count: int = PREVIEW_IMAGES) -> list[int]:
+    """The first training image of each class in class order, then the next images in split order,
+    up to `count`: the same images for the same split, whatever the params."""
+    labels = np.asarray(labels)
+    chosen = [int(np.flatnonzero(labels == c)[0]) for c in np.unique(labels)][:count]
+    chosen += list(itertools.islice((i for i in range(len(labels)) if i not in chosen), count - len(chosen)))
+    return sorted(chosen, key=lambda i: (int(labels[i]), i))
+
+
+def preview_cells(params: AugmentParams, build_transform: BuildTransform, images: np.ndarray, seed: int,
+                  draws: int = PREVIEW_DRAWS) -> list[list[np.ndarray]]:
+    """The preview's rows: the images as stored, then `draws` rows of the training transform applied
+    to the same images, the transform seeded with `seed` (none when no augmentation is configured)."""
+    transform = build_transform(params, seed)
+    rows = [list(images)]
+    for _ in range(draws if params.steps() else 0):
+        rows.append([transform(image=image)["image"] for image in images])
+    return rows
+
+
+def cell_origin(row: int, column: int) -> tuple[int, int]:
+    """Top-left pixel (y, x) of a cell in the preview's mosaic."""
+    return row * (IMAGE_SIDE + PREVIEW_GAP), column * (IMAGE_SIDE + PREVIEW_GAP)
+
+
+def mosaic(rows: list[list[np.ndarray]]) -> np.ndarray:
+    """The cells in one uint8 HWC image, PREVIEW_GAP white pixels between them."""
+    last = cell_origin(len(rows) - 1, len(rows[0]) - 1)
+    height, width = (end + IMAGE_SIDE for end in last)   # to the last cell's edge
+    out = np.full((height, width, 3), 255, dtype=np.uint8)
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            y, x = cell_origin(r, c)
+            out[y:y + IMAGE_SIDE, x:x + IMAGE_SIDE] = image
+    return out
+
+
+def augmentation_preview(params: AugmentParams, build_transform: BuildTransform, images: np.ndarray,
+                         captions: Sequence[str], seed: int, draws: int = PREVIEW_DRAWS):
+    """The images as stored (top row), then `draws` rows of the training transform applied to the
+    same images, the transform seeded with `seed`: the same figure for the same seed and params.
+    With no augmentation configured it shows the stored row once and says so.
+
+    The cells are one image (`mosaic`) in one axes, framed and labelled around it: fifty axes under a
+    layout engine cost several times as much (measured: docs/measurements.md)."""
+    from matplotlib.collections import PatchCollection
+    from matplotlib.figure import Figure   # a bare Figure: pyplot keeps no reference to it in the training process
+    from matplotlib.patches import Rectangle
+
+    cells = preview_cells(params, build_transform, images, seed, draws)
+    rows, columns = len(cells), len(images)
+    fig = Figure(figsize=(1.2 * columns + 0.5, 1.2 * rows + 1.1))
+    ax = fig.add_axes((0.04, 0.02, 0.95, 1 - 1.0 / fig.get_figheight()))   # an inch above for captions and title
+    ax.imshow(mosaic(cells), interpolation="nearest")
+    ax.set_anchor("N")                      # the mosaic right under its captions; the save trims what is left
+    ax.set_axis_off()
+    frames = [Rectangle((x - 0.5, y - 0.5), IMAGE_SIDE, IMAGE_SIDE)
+              for r in range(rows) for c in range(columns) for y, x in [cell_origin(r, c)]]
+    ax.add_collection(PatchCollection(frames, facecolor="none", edgecolor="black", linewidth=0.8, clip_on=False))
+    for column, caption in enumerate(captions):
+        y, x = cell_origin(0, column)
+        ax.text(x + IMAGE_SIDE / 2 - 0.5, y - 2, caption, ha="center", va="bottom", fontsize=8)
+    for row in range(rows):
+        y, x = cell_origin(row, 0)
+        ax.text(x - 3, y + IMAGE_SIDE / 2 - 0.5, "stored" if row == 0 else f"draw {row}", rotation=90,
+                ha="right", va="center", fontsize=9)
+    if params.steps():
+        title = (f"Training augmentation: {params.describe()}. The same {columns} training images: as stored "
+                 f"(top), then {draws} random draws (seed {seed})")
+    else:
+        title = (f"No training augmentation ({params.switched_off()}): "
+                 f"training sees these {columns} images, and every other, as stored")
+    fig.suptitle("\n".join(textwrap.wrap(title, max(40, int(fig.get_figwidth() * 9)))), fontsize=10,
+                 y=1 - 0.1 / fig.get_figheight())
+    return fig
+
+
+def write_preview(params: AugmentParams, build_transform: BuildTransform, images: np.ndarray, labels: np.ndarray,
+                  classes: Sequence[str], seed: int, path: Path = paths.AUGMENT_PREVIEW) -> None:
+    """The train stage's preview figure of `params` on the training split (images, labels)."""
+    chosen = preview_indices(labels)
+    captions = [f"{classes[int(labels[i])]}\ntrain #{i}" for i in chosen]
+    save_figure(augmentation_preview(params, build_transform, images[chosen], captions, seed), path, dpi=110,
+                bbox_inches="tight", pad_inches=0.15)
