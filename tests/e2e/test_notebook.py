@@ -10,6 +10,7 @@ environment), and it starts with no git identity, as a fresh Colab runtime does.
 from __future__ import annotations
 
 import ast
+import os
 import shutil
 import time
 from pathlib import Path
@@ -76,31 +77,46 @@ def outputs_of(cell) -> tuple[str, dict]:
     return text, rich
 
 
-@pytest.mark.e2e
-def test_quickstart_runs_top_to_bottom_on_the_cpu(tmp_path, monkeypatch):
+def _execute_quickstart(folder: Path) -> tuple[Path, dict, list[tuple[str, str, dict]]]:
     from nbclient import NotebookClient
 
     from conftest import tool_env
 
-    work = scratch_repo(tmp_path)
-    for key, value in tool_env().items():          # the kernel's `python` and `dvc` are this environment's
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")      # tiny work on a shared 2-core CPU (see test_presets)
-    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(tmp_path / "no-gitconfig"))   # no identity, as on Colab
-    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
-
+    work = scratch_repo(folder)
+    env = tool_env() | {                        # the kernel's `python` and `dvc` are this environment's
+        "OMP_NUM_THREADS": "1",                  # tiny work on a shared 2-core CPU
+        "GIT_CONFIG_GLOBAL": str(folder / "no-gitconfig"), "GIT_CONFIG_NOSYSTEM": "1"}   # no identity, as on Colab
     notebook = nbformat.read(work / "notebooks" / "quickstart.ipynb", as_version=4)
     defaults = choices(notebook.cells[0].source)
     injected = nbformat.v4.new_code_cell('DATA = "synthetic"\nBUDGET = "quick"')
     injected.metadata["tags"] = ["injected-parameters"]
     notebook.cells.insert(1, injected)
+    saved = dict(os.environ)
+    os.environ.update(env)                      # the kernel nbclient starts inherits this environment
+    try:
+        started = time.perf_counter()
+        NotebookClient(notebook, timeout=1500, kernel_name="python3",
+                       resources={"metadata": {"path": str(work / "notebooks")}}).execute()
+        print(f"quickstart notebook: {time.perf_counter() - started:.0f} s")
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return work, defaults, [(cell.source, *outputs_of(cell)) for cell in notebook.cells if cell.cell_type == "code"]
 
-    started = time.perf_counter()
-    NotebookClient(notebook, timeout=1500, kernel_name="python3",
-                   resources={"metadata": {"path": str(work / "notebooks")}}).execute()
-    print(f"quickstart notebook: {time.perf_counter() - started:.0f} s")
 
-    cells = [outputs_of(cell) for cell in notebook.cells if cell.cell_type == "code"]
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    """The committed notebook executed top to bottom with the synthetic source and the quick budget
+    (its two assignments as two quick experiments): (the scratch repo, the notebook's own choices,
+    [(source, printed text, rich outputs) of each code cell]). The quick-budget test below reads
+    the second assignment's run instead of running one more."""
+    return _execute_quickstart(tmp_path_factory.mktemp("quickstart"))
+
+
+@pytest.mark.e2e
+def test_quickstart_runs_top_to_bottom_on_the_cpu(quickstart):
+    work, defaults, executed = quickstart
+    cells = [(text, rich) for _, text, rich in executed]
     text = "".join(printed for printed, _ in cells)
     assert f"repository: {work}" in text                   # found the repo around it: no clone
     assert "every requirement is installed" in text        # installed nothing
@@ -136,3 +152,54 @@ def test_notebook_installs_only_the_runtime_requirements():
     assert {"torch", "dvc", "dvclive"} <= runtime
     source = "".join(cell.source for cell in nbformat.read(NOTEBOOK, as_version=4).cells)
     assert 'line.startswith("# Tests only")' in source
+
+
+@pytest.mark.e2e
+def test_quick_budget_runs_a_preset_end_to_end(quickstart, tmp_path, monkeypatch):
+    """The notebook's second assignment ran as `dvc exp run -S preset=... -S budget=quick -S
+    data.source=synthetic`: the preset's recipe with the quick budget's cuts, on class-balanced subsets
+    taken when the stages load data/ (which keeps the whole split, so changing a subset never reruns
+    download)."""
+    import json
+    import math
+
+    import yaml
+
+    from conftest import copy_repo, exp_rows, ran_stages
+    from test_presets import QUICK, SEEDS
+
+    work, defaults, executed = quickstart
+    preset = defaults["COMPARE_WITH"]
+    name = f"{preset}-quick-synthetic"
+    [first] = [text for source, text, _ in executed if "run_assignment(PRESET)" in source]
+    [output] = [text for source, text, _ in executed if "run_assignment(COMPARE_WITH)" in source]
+    stages = set(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
+    assert ran_stages(first) == stages                                # a fresh repo: every stage
+    assert ran_stages(output) == stages - {"download"}                # the same synthetic data: not made again
+
+    params = exp_rows(json.loads(run(["dvc", "exp", "show", "--json"], work).stdout))[name]["params"]
+    params = params["params.yaml"]["data"]
+    assert (params["report"]["preset"], params["budget"]["name"]) == (preset, "quick")
+    assert params["model"]["name"] == SEEDS[preset]["model"]
+    for key, value in QUICK.items():
+        section, field = key.split(".")
+        assert params[section][field] == value, key
+
+    train_size, test_size = QUICK["data.train_subset"], QUICK["data.test_subset"]
+    meta = json.loads((work / "data" / "meta.json").read_text())
+    assert (meta["train_size"], meta["test_size"]) == (5000, 1000)          # data/ holds the whole synthetic split
+    assert f"on {train_size} synthetic images" in output                     # train saw the subset
+    evaluation = json.loads((work / "metrics" / "evaluate.json").read_text())   # the workspace holds this run
+    assert evaluation["test_images"] == test_size                             # evaluate measured the test subset
+    assert sum(1 for _ in (work / "plots" / "confusion.csv").open()) == test_size + 1
+    lr_find = json.loads((work / "metrics" / "lr_find.json").read_text())
+    assert lr_find["iterations"] <= QUICK["lr_find.num_iter"] and lr_find["max_lr"] < lr_find["loss_minimum_lr"]
+    steps = (work / "plots" / "lr_schedule.csv").read_text().splitlines()[1:]
+    assert len(steps) == QUICK["train.epochs"] * math.ceil(train_size / QUICK["train.batch_size"])
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    copy = copy_repo(work, tmp_path / "repo")
+    smaller = run(["dvc", "exp", "run", "-n", f"{name}-50", "-S", f"preset={preset}", "-S", "budget=quick",
+                   "-S", "data.source=synthetic", "-S", "data.test_subset=50"], copy)
+    assert ran_stages(smaller.stdout) == {"train", "evaluate", "report"}    # no new download, no new range test
+    assert json.loads((copy / "metrics" / "evaluate.json").read_text())["test_images"] == 50

@@ -1,17 +1,16 @@
-"""Presets end to end: two presets as named experiments, compared and tagged, and the quick budget
-with a preset, each through `dvc exp run` in a temporary repo."""
+"""Presets end to end: two presets as named experiments, compared and tagged, through `dvc exp run`
+in a temporary repo (the quick budget with a preset: tests/e2e/test_notebook.py, on the notebook's runs)."""
 
 from __future__ import annotations
 
 import json
 
-import yaml
 
 import pytest
 
-from conftest import PRESET_A_MAX_LR, REPO, TINY_RUN, exp_rows, make_repo, ran_stages, run
+from conftest import PRESET_A_MAX_LR, TINY_RUN, exp_rows, run
 from conftest import composed as compose
-from test_presets import QUICK, SEEDS
+from test_presets import SEEDS
 
 @pytest.mark.e2e
 def test_presets_run_as_named_experiments_and_compare(preset_runs, tmp_path):
@@ -44,47 +43,3 @@ def test_presets_run_as_named_experiments_and_compare(preset_runs, tmp_path):
     run(["dvc", "plots", "diff", "assignment-7", "assignment-10", "-o", str(out)], work)
     html = (out / "index.html").read_text()
     assert '"assignment-7"' in html and '"assignment-10"' in html and "Accuracy per epoch" in html
-
-
-@pytest.mark.e2e
-def test_quick_budget_runs_a_preset_end_to_end(tmp_path, monkeypatch):
-    """`dvc exp run -S preset=assignment7 -S budget=quick` on the synthetic set: the preset's recipe
-    with the quick budget's cuts, on class-balanced subsets taken when the stages load data/ (which
-    keeps the whole split, so changing a subset never reruns download)."""
-    import math
-    import time
-
-
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    work = make_repo(tmp_path, {"data": {"source": "synthetic"}})     # only the source: the budget's keys stay
-    started = time.perf_counter()
-    result = run(["dvc", "exp", "run", "-n", "a7-quick", "-S", "preset=assignment7", "-S", "budget=quick"], work)
-    print(f"assignment7, budget quick: {time.perf_counter() - started:.0f} s")
-    assert ran_stages(result.stdout) == set(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
-
-    params = exp_rows(json.loads(run(["dvc", "exp", "show", "--json"], work).stdout))["a7-quick"]["params"]
-    params = params["params.yaml"]["data"]
-    assert (params["report"]["preset"], params["budget"]["name"]) == ("assignment7", "quick")
-    assert params["model"]["name"] == SEEDS["assignment7"]["model"]
-    for key, value in QUICK.items():
-        section, name = key.split(".")
-        assert params[section][name] == value, key
-
-    train_size, test_size = QUICK["data.train_subset"], QUICK["data.test_subset"]
-    meta = json.loads((work / "data" / "meta.json").read_text())
-    assert (meta["train_size"], meta["test_size"]) == (5000, 1000)          # data/ holds the whole synthetic split
-    assert f"on {train_size} synthetic images" in result.stdout               # train saw the subset
-    evaluation = json.loads((work / "metrics" / "evaluate.json").read_text())
-    assert evaluation["test_images"] == test_size                             # evaluate measured the test subset
-    assert sum(1 for _ in (work / "plots" / "confusion.csv").open()) == test_size + 1
-    lr_find = json.loads((work / "metrics" / "lr_find.json").read_text())
-    assert lr_find["iterations"] <= QUICK["lr_find.num_iter"] and lr_find["max_lr"] < lr_find["loss_minimum_lr"]
-    steps = (work / "plots" / "lr_schedule.csv").read_text().splitlines()[1:]
-    assert len(steps) == QUICK["train.epochs"] * math.ceil(train_size / QUICK["train.batch_size"])
-
-    smaller = run(["dvc", "exp", "run", "-n", "a7-quick-50", "-S", "preset=assignment7", "-S", "budget=quick",
-                   "-S", "data.test_subset=50"], work)
-    assert ran_stages(smaller.stdout) == {"train", "evaluate", "report"}    # no new download, no new range test
-    assert json.loads((work / "metrics" / "evaluate.json").read_text())["test_images"] == 50
-
-
