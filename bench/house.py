@@ -18,6 +18,10 @@ from collections import Counter
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
+sys.path.insert(0, str(SRC))
+
+from cifarlab.tools.codedeps import imported_names, module_path  # noqa: E402
+
 PACKAGE = "cifarlab"
 WINGS = ("", "models", "config", "data", "engine", "pipeline", "tools")   # bottom to top; "" is the root
 FRONT_DOOR = "__main__"
@@ -44,28 +48,16 @@ def rank(name: str) -> int:
     return len(WINGS) if name.split(".")[-1] == FRONT_DOOR and name.count(".") == 1 else WINGS.index(wing_of(name))
 
 
-def imports(path: Path, known: dict[str, Path]) -> set[str]:
-    """The library modules `path` imports (each name resolved to the longest known module)."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        names = []
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            names = [f"{node.module}.{alias.name}" for alias in node.names] + [node.module]
-        for name in names:
-            parts = name.split(".")
-            for end in range(len(parts), 0, -1):
-                if ".".join(parts[:end]) in known:
-                    if end > 1:
-                        found.add(".".join(parts[:end]))
-                    break
-    return found
+def imports(path: Path, src: Path, name_of: dict[Path, str]) -> set[str]:
+    """The library modules `path` imports, resolved as the stages' code deps are (`codedeps.module_path`)."""
+    found = {module_path(name, src) for name in imported_names(ast.parse(path.read_text()))} - {None}
+    return {name_of[file] for file in found}
 
 
 def graph(src: Path = SRC) -> dict[str, set[str]]:
     known = modules(src)
-    return {name: imports(path, known) - {name} for name, path in known.items()}
+    name_of = {path: name for name, path in known.items()}
+    return {name: imports(path, src, name_of) - {name} for name, path in known.items()}
 
 
 def back_imports(edges: dict[str, set[str]]) -> list[tuple[str, str]]:

@@ -50,17 +50,19 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: (rank[item.path], -count[item.path]))
 
 
-# Small enough for a 2-core CPU, big enough that a network learns the synthetic set: assignment 7's
-# (467k parameters), a fraction of the default network's cost per step, since these runs check the
-# stages, not the network (the default network runs the pipeline in the preset runs, and each
-# network is checked against its seed in test_models.py).
+# Small enough for a 2-core CPU, big enough that a network learns the synthetic set. The stage
+# settings only: a preset's own network stays unless a test adds TINY_NET.
 TINY = {
     "data": {"source": "synthetic", "synthetic_train_size": 512, "synthetic_test_size": 200},
-    "model": {"name": "a7_net"},
     "lr_find": {"start_lr": 1.0e-5, "num_iter": 30, "end_lr": 1.0},
     "train": {"epochs": 3, "batch_size": 32, "max_at_epoch": 1, "max_lr": 0.003},
     "evaluate": {"batch_size": 200, "gallery_size": 10},
 }
+
+# The network the tiny stage runs train: assignment 7's (467k parameters), a fraction of the default
+# network's cost per step, since these runs check the stages, not the network (the default network
+# runs the pipeline in the preset runs, and each network is checked against its seed in test_models.py).
+TINY_NET = {"model": {"name": "a7_net"}}
 
 
 def merge(base: dict, override: dict) -> dict:
@@ -96,8 +98,9 @@ def default_params() -> dict:
 
 
 def composed_tiny() -> dict:
-    """The default preset's params with the TINY settings: what `tiny_params` and `stage_dir` hold."""
-    return merge(composed(), TINY)
+    """The default preset's params with the TINY settings and TINY_NET: what `tiny_params` and
+    `stage_dir` hold."""
+    return merge(merge(composed(), TINY), TINY_NET)
 
 
 @pytest.fixture
@@ -190,7 +193,7 @@ def built_once(tmp_path_factory, name: str, build: Callable[[Path], Built]) -> B
 
 
 def _build_tiny_repo(folder: Path) -> tuple[Path, str]:
-    work = make_repo(folder, merge(TINY, {"evaluate": TINY_RUN_EVALUATE}))
+    work = make_repo(folder, merge(merge(TINY, TINY_NET), {"evaluate": TINY_RUN_EVALUATE}))
     result = run(["dvc", "repro"], work)
     run(["git", "add", "-A"], work)
     run(["git", "commit", "-qm", "baseline run"], work)
@@ -199,7 +202,7 @@ def _build_tiny_repo(folder: Path) -> tuple[Path, str]:
 
 @pytest.fixture(scope="session")
 def tiny_repo(tmp_path_factory) -> tuple[Path, str]:
-    """The pipeline on the tiny synthetic set (TINY, with TINY_RUN_EVALUATE) in a git + DVC repo, run
+    """The pipeline on the tiny synthetic set (TINY and TINY_NET, with TINY_RUN_EVALUATE) in a git + DVC repo, run
     once by `dvc repro` and committed with its dvc.lock and DVC cache: (the repo, repro's output).
     Built once per session (`built_once`); tests read its files as they are, or change or run DVC in
     a `copy_repo` of it."""

@@ -10,7 +10,6 @@ environment), and it starts with no git identity, as a fresh Colab runtime does.
 from __future__ import annotations
 
 import ast
-import os
 import shutil
 import time
 from pathlib import Path
@@ -91,16 +90,13 @@ def _execute_quickstart(folder: Path) -> tuple[Path, dict, list[tuple[str, str, 
     injected = nbformat.v4.new_code_cell('DATA = "synthetic"\nBUDGET = "quick"')
     injected.metadata["tags"] = ["injected-parameters"]
     notebook.cells.insert(1, injected)
-    saved = dict(os.environ)
-    os.environ.update(env)                      # the kernel nbclient starts inherits this environment
-    try:
+    with pytest.MonkeyPatch.context() as patch:  # the kernel nbclient starts inherits this environment
+        for key, value in env.items():
+            patch.setenv(key, value)
         started = time.perf_counter()
         NotebookClient(notebook, timeout=1500, kernel_name="python3",
                        resources={"metadata": {"path": str(work / "notebooks")}}).execute()
         print(f"quickstart notebook: {time.perf_counter() - started:.0f} s")
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
     return work, defaults, [(cell.source, *outputs_of(cell)) for cell in notebook.cells if cell.cell_type == "code"]
 
 

@@ -30,7 +30,8 @@ STAGE_HELPER = "stages/_src.py"
 MARKER = "__init__.py"
 
 
-def _imported(tree: ast.AST) -> set[str]:
+def imported_names(tree: ast.AST) -> set[str]:
+    """Every absolute name a module's imports mention (`from a.b import c` gives `a.b` and `a.b.c`)."""
     names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -46,7 +47,7 @@ def _imports_by_name(tree: ast.AST) -> bool:
     return any(isinstance(node, ast.Attribute) and node.attr == "import_module" for node in ast.walk(tree))
 
 
-def _module_path(name: str, src: Path) -> Path | None:
+def module_path(name: str, src: Path) -> Path | None:
     """The library file that module `name` is (the longest existing module path: `cifarlab.data.storage.Dataset`
     is data/storage.py), or None for a package marker or a name outside the library."""
     parts = name.split(".")
@@ -70,7 +71,7 @@ def library_paths(script: Path, src: Path) -> list[Path]:
     while todo:
         path = todo.pop()
         tree = ast.parse(path.read_text(), filename=str(path))
-        found = {_module_path(name, src) for name in _imported(tree)} - {None}
+        found = {module_path(name, src) for name in imported_names(tree)} - {None}
         if path != script and _imports_by_name(tree) and path.parent not in folders:
             folders.add(path.parent)
             found |= set(path.parent.glob("*.py")) - {path.parent / MARKER}
