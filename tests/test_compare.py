@@ -7,7 +7,8 @@ import statistics
 import pytest
 
 from cifarlab.errors import CifarlabError
-from cifarlab.tools.compare import compare, figure, finished_runs, group_runs, mean_band, table
+from cifarlab.tools.compare import BY_DEFAULT, compare, figure, finished_runs, group_runs, mean_band, table
+from cifarlab.tools.experiments import RunInputs, same_run_note
 
 
 def row(name, preset, seed, accuracy, typ="branch_commit", state=None, **extra):
@@ -15,6 +16,8 @@ def row(name, preset, seed, accuracy, typ="branch_commit", state=None, **extra):
             "train.seed": float(seed), "accuracy": accuracy, **extra}
 
 
+INPUTS = RunInputs(sections=frozenset({"report", "train", "data", "budget"}),
+                   inputs=frozenset({"src/cifarlab/pipeline/train.py"}))
 ROWS = [
     row(None, "assignment10", 1, 0.99, typ="baseline") | {"rev": "workspace"},   # not an experiment
     row("a8-1", "assignment8", 1, 0.86), row("a8-2", "assignment8", 2, 0.88), row("a8-3", "assignment8", 3, 0.87),
@@ -47,7 +50,27 @@ def test_a_metric_qualified_by_its_file_is_found():
 
 def test_nothing_finished_is_an_error():
     with pytest.raises(CifarlabError, match="no finished experiments"):
-        compare(["report.preset"], rows=ROWS[:1])
+        compare(["report.preset"], rows=ROWS[:1], inputs=INPUTS)
+
+
+def test_one_run_under_two_names_counts_once_and_is_named():
+    """A run the run-cache restored under a second name has the same params and code: one run, not
+    two seeds agreeing perfectly."""
+    restored = row("a8-1-again", "assignment8", 1, 0.86)
+    groups, others = compare(["report.preset"], rows=[*ROWS, restored], inputs=INPUTS)
+    assert [(g.key, g.n) for g in groups] == [(("assignment10",), 2), (("assignment8",), 3)]
+    assert others == {"a8-1": ["a8-1-again"]}
+    assert same_run_note(others).endswith(": a8-1 = a8-1-again")
+    changed_code = restored | {"src/cifarlab/pipeline/train.py": "another hash"}
+    groups, others = compare(["report.preset"], rows=[*ROWS, changed_code], inputs=INPUTS)
+    assert groups[1].n == 4 and others == {}                         # other code: another run
+
+
+def test_groups_by_preset_data_source_and_budget_by_default():
+    rows = [row("s", "assignment7", 1, 0.5, **{"data.source": "synthetic", "budget.name": "quick"}),
+            row("c", "assignment7", 1, 0.8, **{"data.source": "cifar10", "budget.name": "full"})]
+    groups, _ = compare(list(BY_DEFAULT), rows=rows, inputs=INPUTS)
+    assert [g.key for g in groups] == [("assignment7", "cifar10", "full"), ("assignment7", "synthetic", "quick")]
 
 
 def test_mean_band_over_common_epochs():

@@ -9,12 +9,15 @@ from __future__ import annotations
 import importlib
 import sys
 
-# tool -> (the module whose main(argv) runs it, what it does)
+# tool -> (the module whose main(argv) runs it, or `module:function`, what it does)
 TOOLS = {
     "compose": ("cifarlab.config.compose", "write params.yaml from conf/ (the composition `dvc exp run` makes)"),
     "preset-table": ("cifarlab.config.preset_table", "regenerate the README's preset table from conf/preset/"),
     "codedeps": ("cifarlab.tools.codedeps", "regenerate (or --check) dvc.yaml's code deps from the imports"),
     "compare": ("cifarlab.tools.compare", "finished experiments grouped by preset: test accuracy, mean and spread"),
+    "exps": ("cifarlab.tools.experiments", "the experiments as a table that fits a terminal, best first"),
+    "check": ("cifarlab.config.overrides", "check `-S` overrides as `dvc exp run` would compose them (did-you-mean)"),
+    "run": ("cifarlab.config.overrides:run_main", "check the `-S` overrides, then `dvc exp run` the same arguments"),
     "models": ("cifarlab.models.registry", "list the registered networks with their parameter counts"),
 }
 
@@ -33,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] not in TOOLS:
         print(f"python -m cifarlab: unknown tool {argv[0]!r}; allowed: {', '.join(TOOLS)}", file=sys.stderr)
         return 2
-    return importlib.import_module(TOOLS[argv[0]][0]).main(argv[1:])
+    module, _, function = TOOLS[argv[0]][0].partition(":")
+    return getattr(importlib.import_module(module), function or "main")(argv[1:])
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.e2e
 # small network of assignment 7: these runs check DVC's plumbing, and each step of it costs a
 # fraction of the default network's.
 TINY_EXP = merge(TINY_RUN, {"model": {"name": "a7_net"}, "train": {"epochs": 2}, "evaluate": {"tta_hflip": True}})
-MAX_LRS = ("0.001", "0.002", "0.005")
+MAX_LRS = ("0.001", "0.005")
 SEEDS = (2, 3)    # the baseline ran seed 1
 WIDTH = 160
 SHOW = ["dvc", "exp", "show", "--only-changed", "--no-pager"]
@@ -37,7 +37,7 @@ CACHED_OUTS = ("data", "models", "metrics/train/", "metrics/evaluate.json", "met
 
 @pytest.fixture(scope="module")
 def experiments(tmp_path_factory):
-    """The tiny pipeline committed as a baseline; three train.max_lr variants run one after the other
+    """The tiny pipeline committed as a baseline; two train.max_lr variants run one after the other
     as a user would (each one's output and report, and then `dvc exp show`, recorded), then two seeds of the baseline's configuration
     through DVC's queue, as the README documents for seeds (one group here, to stay tiny)."""
     work = make_repo(tmp_path_factory.mktemp("experiments"), TINY_EXP)
@@ -118,7 +118,7 @@ def test_queued_experiments_run_in_parallel_and_show_up(experiments):
 
 
 def test_exp_show_only_changed_fits_160_columns(experiments):
-    """Three train.max_lr variants, side by side: every column whole, the table within 160 columns.
+    """The train.max_lr variants, side by side: every column whole, the table within 160 columns.
     The data-file columns (a hash per upstream file, 32+ characters each) are dropped as the README
     says; the metrics and params are what is compared."""
     _, shown = experiments
@@ -142,6 +142,22 @@ def test_exp_show_only_changed_fits_160_columns(experiments):
         assert column in title.split(), column
     for name in names:
         assert name in table
+
+
+def test_the_experiments_table_fits_100_columns_best_first(experiments):
+    """`python -m cifarlab exps` at COLUMNS=100: every experiment once, what identifies it first."""
+    work, _ = experiments
+    result = subprocess.run(["python", "-m", "cifarlab", "exps"], cwd=work, env=tool_env() | {"COLUMNS": "100"},
+                            capture_output=True, text=True, check=True)
+    print(result.stdout)
+    lines = result.stdout.splitlines()
+    assert max(map(len, lines)) <= 100
+    assert lines[0].split()[:5] == ["experiment", "preset", "budget", "seed", "data"]
+    rows = lines[1:1 + len(MAX_LRS) + len(SEEDS)]
+    accuracies = [float(line.split()[5]) for line in rows]
+    assert accuracies == sorted(accuracies, reverse=True)
+    assert {line.split()[0] for line in rows} >= {f"lr-{lr}" for lr in MAX_LRS}
+    assert lines[len(rows) + 1].startswith(f"best: {rows[0].split()[0]}, ")
 
 
 def test_plots_diff_page_loads_no_network_library(experiments, tmp_path):
@@ -230,7 +246,8 @@ def test_compare_groups_seeds_with_mean_std_n(experiments, tmp_path):
     for lr in MAX_LRS:
         assert rows[lr][1] == "1" and rows[lr][3] == "-"
     by_preset = run(["python", "-m", "cifarlab", "compare"], experiments).stdout
-    assert by_preset.splitlines()[1].split()[:2] == ["assignment10", str(len(MAX_LRS) + len(SEEDS))]
+    assert by_preset.splitlines()[0].split()[:4] == ["report.preset", "data.source", "budget.name", "n"]
+    assert by_preset.splitlines()[1].split()[:4] == ["assignment10", "synthetic", "full", str(len(MAX_LRS) + len(SEEDS))]
     from PIL import Image
     assert Image.open(figure).size[0] > 800
     keep = os.environ.get("CIFARLAB_COMPARE_FIGURE")

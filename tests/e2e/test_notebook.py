@@ -10,6 +10,7 @@ environment), and it starts with no git identity, as a fresh Colab runtime does.
 from __future__ import annotations
 
 import ast
+import inspect
 import shutil
 import time
 from pathlib import Path
@@ -39,6 +40,15 @@ def test_first_cell_holds_the_choices_and_they_are_allowed():
     budgets = {path.stem for path in (REPO / "conf" / "budget").glob("*.yaml")}
     assert {values["PRESET"], values["COMPARE_WITH"]} <= presets and values["PRESET"] != values["COMPARE_WITH"]
     assert values["BUDGET"] in budgets and values["DATA"] in ("cifar10", "synthetic")
+    preset_line = next(line for line in first.source.splitlines() if line.startswith("PRESET ="))
+    assert all(name in preset_line.split("#", 1)[1] for name in presets)      # the comment names every preset
+
+
+def test_setup_cell_is_short_its_helpers_live_in_the_library():
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    code = [cell.source for cell in notebook.cells if cell.cell_type == "code"]
+    assert len(code[1]) < 1000 and "from cifarlab.tools import notebook" in code[1]
+    assert all(len(source) < 200 for source in code[2:])
 
 
 def test_notebook_is_committed_without_outputs():
@@ -120,13 +130,17 @@ def test_quickstart_runs_top_to_bottom_on_the_cpu(quickstart):
 
     names = [f"{defaults[key]}-quick-synthetic" for key in ("PRESET", "COMPARE_WITH")]
     markdown = "".join("".join(data) for _, rich in cells for data in rich.get("text/markdown", []))
-    assert all(name in markdown for name in names)         # `dvc exp show` lists both experiments
+    assert all(name in markdown for name in names)         # the experiments table lists both experiments
     assert "quick" in markdown and "synthetic" in markdown   # with their budget and data source
+    bars = [line for line in text.splitlines() if "it/s]" in line or "s/it]" in line]
+    assert "\r" not in text and len(bars) <= 30, bars     # each progress bar once, not one line per update
     images = [data for _, rich in cells for data in rich.get("image/png", [])]
     assert len(images) == 2                                # training curves and confusion matrix
     title = composed([f"preset={defaults['PRESET']}"])["report"]["title"]
     shown_report = next(data for _, rich in cells for data in rich.get("text/markdown", []) if title in data)
     assert "data:image/png;base64," in shown_report and "](figures/" not in shown_report   # figures inlined
+    assert "*The rest of the report (" in shown_report and "](../reports/report.md)" in shown_report
+    assert len(shown_report) < len((work / "reports" / "report.md").read_text())   # its first screen only
 
     page = work / ".cache" / "plots_diff" / "index.html"
     assert f"the comparison page: {page}" in text
@@ -138,16 +152,18 @@ def test_quickstart_runs_top_to_bottom_on_the_cpu(quickstart):
 
 
 def test_notebook_installs_only_the_runtime_requirements():
-    """The notebook installs what is missing above requirements.txt's "# Tests only" line: on Colab,
-    upgrading ipykernel or nbclient under the running kernel could break the session."""
-    lines = (REPO / "requirements.txt").read_text().splitlines()
-    marker = next(i for i, line in enumerate(lines) if line.startswith("# Tests only"))
-    tests_only = {line.split(">=")[0] for line in lines[marker + 1:] if line and not line.startswith("-")}
-    assert {"pytest", "nbclient", "nbformat", "ipykernel"} <= tests_only
-    runtime = {line.split(">=")[0] for line in lines[:marker] if line and not line.startswith("#")}
-    assert {"torch", "dvc", "dvclive"} <= runtime
-    source = "".join(cell.source for cell in nbformat.read(NOTEBOOK, as_version=4).cells)
-    assert 'line.startswith("# Tests only")' in source
+    """The notebook installs what requirements.txt lists and is missing; the test toolchain is in
+    requirements-dev.txt, which it never reads: on Colab, upgrading ipykernel or nbclient under the
+    running kernel could break the session."""
+    def names(path):
+        return {line.split(">=")[0].split("#")[0].strip() for line in (REPO / path).read_text().splitlines()
+                if line.strip() and not line.startswith(("#", "-"))}
+    assert {"torch", "dvc", "dvclive"} <= names("requirements.txt")
+    assert not {"pytest", "nbclient", "nbformat", "ipykernel"} & names("requirements.txt")
+    assert {"pytest", "nbclient", "nbformat", "ipykernel"} <= names("requirements-dev.txt")
+    assert "-r requirements.txt" in (REPO / "requirements-dev.txt").read_text().splitlines()
+    from cifarlab.tools import notebook
+    assert inspect.signature(notebook.unmet).parameters["requirements"].default == "requirements.txt"
 
 
 @pytest.mark.e2e

@@ -1,13 +1,14 @@
 """Seeds with error bars: group finished experiments and compare test accuracy per group.
 
-    python -m cifarlab compare                          # groups by report.preset
+    python -m cifarlab compare                          # groups by preset, data source and budget
     python -m cifarlab compare model.name train.max_lr  # groups by any params
     python -m cifarlab compare --figure plots/compare.png
 
 Reads the experiments of the current commit (`dvc exp show`'s rows; finished ones only, the
 workspace and baseline rows left out) and prints, per group, the mean, the sample standard
 deviation and n of the plain test accuracy (metrics/test.json), so one lucky seed is not mistaken
-for a better recipe. The figure shows accuracy per group with error bars (one standard deviation)
+for a better recipe. Each run counts once: an experiment restored from the run-cache under a second
+name (same params, code and data) is the same run (`experiments.distinct`), and the table says so. The figure shows accuracy per group with error bars (one standard deviation)
 and each group's per-epoch test-accuracy curve as its mean with a band of one standard deviation.
 """
 
@@ -22,10 +23,11 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 from cifarlab.errors import CifarlabError
+from cifarlab.tools.experiments import RunInputs, distinct, finished, name_of, read_rows, same_run_note, value
 
 ACCURACY = "accuracy"                                        # metrics/test.json, plain (not TTA)
 TEST_CURVE = "metrics/train/plots/metrics/test/accuracy.tsv"  # dvclive: step (epoch), accuracy
-UNFINISHED = {"Queued", "Running", "Failed"}
+BY_DEFAULT = ("report.preset", "data.source", "budget.name")
 
 
 @dataclass
@@ -60,15 +62,6 @@ class Group:
         return statistics.stdev(self.accuracies) if self.n > 1 else 0.0
 
 
-def _value(row: dict, name: str) -> Any:
-    """A param or metric of an `exp show` row: by its plain name, or `file:name` when DVC had to
-    qualify it because two files use the name."""
-    if name in row:
-        return row[name]
-    matches = [key for key in row if key.endswith(f":{name}")]
-    return row[matches[0]] if len(matches) == 1 else None
-
-
 def _show(value: Any) -> str:
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
@@ -77,16 +70,8 @@ def _show(value: Any) -> str:
 
 def finished_runs(rows: Iterable[dict], by: Sequence[str]) -> list[Run]:
     """Experiments (not the workspace or the baseline commits) that finished with a test accuracy."""
-    runs = []
-    for row in rows:
-        if row.get("typ") not in ("branch_base", "branch_commit") or row.get("State") in UNFINISHED:
-            continue
-        accuracy = _value(row, ACCURACY)
-        if not isinstance(accuracy, (int, float)):
-            continue
-        runs.append(Run(name=row.get("Experiment") or row["rev"], rev=row["rev"],
-                        group=tuple(_show(_value(row, name)) for name in by), accuracy=float(accuracy)))
-    return runs
+    return [Run(name=name_of(row), rev=row["rev"], group=tuple(_show(value(row, name)) for name in by),
+                accuracy=float(value(row, ACCURACY))) for row in finished(rows)]
 
 
 def group_runs(runs: Iterable[Run]) -> list[Group]:
@@ -169,13 +154,12 @@ def figure(groups: Sequence[Group], by: Sequence[str]):
     return fig
 
 
-def compare(by: Sequence[str], repo: str = ".", figure_path: str | None = None,
-            rows: list[dict] | None = None) -> list[Group]:
-    if rows is None:
-        import dvc.api
-
-        rows = dvc.api.exp_show(repo=repo)
-    runs = finished_runs(rows, by)
+def compare(by: Sequence[str], repo: str = ".", figure_path: str | None = None, rows: list[dict] | None = None,
+            inputs: RunInputs | None = None) -> tuple[list[Group], dict[str, list[str]]]:
+    """The groups of distinct finished runs, and the other names of runs counted once."""
+    rows = read_rows(repo) if rows is None else rows
+    kept, others = distinct(finished(rows), inputs or RunInputs.of_repo(repo))
+    runs = finished_runs(kept, by)
     if not runs:
         raise CifarlabError("no finished experiments with metrics/test.json on this commit; run some with "
                             "`dvc exp run --queue ...` and `dvc queue start` first")
@@ -186,22 +170,24 @@ def compare(by: Sequence[str], repo: str = ".", figure_path: str | None = None,
         for run in runs:
             run.curve = read_curve(repo, run.rev)
         save_figure(figure(groups, by), figure_path, dpi=120)
-    return groups
+    return groups, others
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cifarlab compare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("params", nargs="*", default=["report.preset"],
-                        help="params to group by, as `dvc exp show` names them (default: report.preset)")
+    parser.add_argument("params", nargs="*", default=list(BY_DEFAULT),
+                        help=f"params to group by, as `dvc exp show` names them (default: {' '.join(BY_DEFAULT)})")
     parser.add_argument("--figure", metavar="PATH", help="write the figure (PNG, or any matplotlib format) here")
     parser.add_argument("--repo", default=".", help="the DVC repository (default: the current directory)")
     args = parser.parse_args(argv)
     try:
-        groups = compare(args.params, args.repo, args.figure)
+        groups, others = compare(args.params, args.repo, args.figure)
     except CifarlabError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(table(groups, args.params))
+    if others:
+        print(same_run_note(others))
     if args.figure:
         print(f"figure: {args.figure}")
     return 0
