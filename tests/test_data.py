@@ -269,7 +269,9 @@ def test_download_that_is_not_a_tarball_names_the_url(server, cifar_tarball, tmp
 
 @pytest.fixture
 def slow_server(tmp_path):
-    """An HTTP server on 127.0.0.1 that sends a large body slowly (a download to interrupt)."""
+    """An HTTP server on 127.0.0.1 that sends a large body slowly (a download to interrupt); yields
+    its URL and an event set once the first bytes went out."""
+    sending = threading.Event()
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
@@ -280,6 +282,7 @@ def slow_server(tmp_path):
                 for _ in range(1000):
                     self.wfile.write(b"x" * 65536)
                     self.wfile.flush()
+                    sending.set()
                     time.sleep(0.05)
             except OSError:
                 pass
@@ -289,26 +292,31 @@ def slow_server(tmp_path):
 
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/cifar.tar.gz"
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/cifar.tar.gz", sending
     httpd.shutdown()
 
 
-def test_sigterm_during_download_leaves_no_partial_file(slow_server, tmp_path, default_params):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
+def test_a_signal_during_download_leaves_no_partial_file(slow_server, tmp_path, default_params, signum):
+    """The download goes to a file with no name (O_TMPFILE): nothing to clean up, even when the stage
+    is killed outright, as it is when `dvc repro`'s group is killed (the stage dies with DVC)."""
+    url, sending = slow_server
     temp = tmp_path / "tmp"
     temp.mkdir()
-    work = _stage_dir(tmp_path, merge(default_params, {"data": {"url": slow_server}}))
+    work = _stage_dir(tmp_path, merge(default_params, {"data": {"url": url}}))
     env = dict(tool_env(), TMPDIR=str(temp))
     process = subprocess.Popen([sys.executable, "stages/download.py"], cwd=work, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while not any(p.is_file() and p.stat().st_size > 0 for p in temp.rglob("*")) and time.time() < deadline:
-        time.sleep(0.05)
-    assert any(p.is_file() for p in temp.rglob("*")), "the download never started"
-    process.send_signal(signal.SIGTERM)
+    assert sending.wait(60), "the download never started"
+    time.sleep(0.3)
+    assert list(temp.iterdir()) == []                  # mid-download: no named file
+    process.send_signal(signum)
     _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 143
-    assert [line for line in stderr.splitlines() if line.startswith("error:")] == ["error: interrupted (SIGTERM)"]
-    assert "Traceback" not in stderr
+    if signum == signal.SIGTERM:
+        assert process.returncode == 143 and "Traceback" not in stderr
+        assert [line for line in stderr.splitlines() if line.startswith("error:")] == ["error: interrupted (SIGTERM)"]
+    else:
+        assert process.returncode == -signal.SIGKILL
     assert list(temp.iterdir()) == [] and not (work / "data").exists()
 
 

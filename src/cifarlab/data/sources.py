@@ -3,6 +3,7 @@ deterministic synthetic set that needs no network."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import pickle
 import tarfile
@@ -10,7 +11,7 @@ import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, BinaryIO, Optional, Union
 
 import numpy as np
 from tqdm import tqdm
@@ -24,11 +25,13 @@ if TYPE_CHECKING:
 DOWNLOAD_TIMEOUT_S = 60
 
 
-def fetch(url: str, dest: Path, expected_md5: str) -> None:
-    """Stream `url` to `dest`, verifying its md5; any failure is a DataError naming the cause."""
+def fetch(url: str, dest: Union[Path, BinaryIO], expected_md5: str) -> None:
+    """Stream `url` to `dest` (a path, or a binary file open for writing), verifying its md5; any
+    failure is a DataError naming the cause."""
     digest = hashlib.md5()
     try:
-        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(dest, "wb") as out:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, \
+                (open(dest, "wb") if isinstance(dest, (str, Path)) else contextlib.nullcontext(dest)) as out:
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc="download", leave=False) as bar:
                 while chunk := response.read(1 << 20):
@@ -64,13 +67,15 @@ def _read_batches(tar: tarfile.TarFile, names: list[str]) -> Split:
     return Split(np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels))
 
 
-def read_cifar10_tarball(path: Path, origin: Optional[str] = None) -> Dataset:
-    """Convert the official python-version tarball into uint8 arrays, checking the split sizes.
+def read_cifar10_tarball(path: Union[Path, BinaryIO], origin: Optional[str] = None) -> Dataset:
+    """Convert the official python-version tarball (a path, or a binary file at its start) into uint8
+    arrays, checking the split sizes.
 
     `origin` (the URL it was downloaded from) is what error messages name instead of `path`, a
     temporary file the user never sees."""
+    opened = {"name": path} if isinstance(path, (str, Path)) else {"fileobj": path}
     try:
-        with tarfile.open(path, "r:gz") as tar:
+        with tarfile.open(mode="r:gz", **opened) as tar:
             train = _read_batches(tar, [f"data_batch_{i}" for i in range(1, 6)])
             test = _read_batches(tar, ["test_batch"])
             meta = _unpickle(tar, "cifar-10-batches-py/batches.meta")
@@ -132,9 +137,11 @@ def download(data: "DataParams", out_dir: Path) -> Dataset:
         dataset = make_synthetic(data.synthetic_train_size, data.synthetic_test_size, data.synthetic_seed)
         extra = {"synthetic_seed": data.synthetic_seed}
     else:
-        with tempfile.TemporaryDirectory() as tmp:
-            tarball = Path(tmp) / "cifar-10-python.tar.gz"
+        # A file with no name (O_TMPFILE on Linux): the kernel frees it however the stage ends, SIGKILL
+        # included (killing `dvc repro`'s group kills the stage before any clean-up could run).
+        with tempfile.TemporaryFile() as tarball:
             fetch(data.url, tarball, data.md5)
+            tarball.seek(0)
             dataset = read_cifar10_tarball(tarball, origin=data.url)
         extra = {"url": data.url, "md5": data.md5}
     save_dataset(dataset, out_dir, extra)
