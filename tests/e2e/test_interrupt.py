@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -48,6 +49,12 @@ def processes_in(repo: Path) -> list[str]:
     return found
 
 
+def declared_outputs_of(work: Path, stage: str) -> list[str]:
+    from cifarlab import dvcfile
+
+    return dvcfile.paths(yaml.safe_load((work / "dvc.yaml").read_text())["stages"][stage], *dvcfile.OUT_KINDS)
+
+
 def final(repo: Path) -> tuple[dict, dict]:
     weights = torch.load(repo / "models/model.pt", weights_only=False)["state_dict"]
     return json.loads((repo / "metrics/train/metrics.json").read_text()), weights
@@ -70,14 +77,19 @@ def repo(request, tmp_path_factory):
     assert not list((work / ".cache/train").glob("*.pt"))          # a completed run leaves no state
     run(["git", "add", "-A"], work)
     run(["git", "commit", "-qm", "reference run"], work)
-    again = run(["dvc", "repro", "-f", "-s", "train"], work)        # after a completed run, -f starts over
-    assert "no saved state, starting fresh" in again.stdout and "resuming" not in again.stdout
+    if request.param == 1:     # the same check in the launcher for any nproc: once is enough
+        again = run(["dvc", "repro", "-f", "-s", "train"], work)    # after a completed run, -f starts over
+        assert "no saved state, starting fresh" in again.stdout and "resuming" not in again.stdout
     return work, request.param, final(work)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
 def test_killing_dvc_repro_leaves_nothing_and_the_rerun_resumes(repo, signum):
     work, nproc, (reference_metrics, reference_weights) = repo
+    if nproc == 2 and signum == signal.SIGTERM:
+        # SIGTERM ends DVC at once, so the stage dies with it as under SIGKILL (PR_SET_PDEATHSIG): the
+        # 2-process SIGKILL case covers it; the 1-process case covers the stage's own SIGTERM handling.
+        pytest.skip("2-process SIGTERM takes the 2-process SIGKILL path")
     dvc = subprocess.Popen(["dvc", "repro", "-f", "-s", "train"], cwd=work, env=tool_env(), start_new_session=True,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
@@ -131,9 +143,13 @@ def test_a_train_failure_is_one_line_once_and_says_how_to_restore(repo):
         assert "train." in errors[0] and "Traceback" not in output and "ChildFailedError" not in output
         hint = "; DVC removed the stage's previous outputs before running it: `dvc checkout train` restores "
         assert hint in errors[0] and "models/model.pt" in errors[0].split(hint)[1]   # the line ends with it
-        assert not (work / "models/model.pt").exists()              # DVC deleted it before running train ...
+        commands = re.findall(r"`([^`]+)` restores", errors[0])
+        assert commands[0] == "dvc checkout train" and commands[1].startswith("git checkout -- "), errors[0]
+        outputs = [work / path for path in declared_outputs_of(work, "train")]
+        assert not [path for path in outputs if path.exists()]      # DVC deleted every output before running train ...
         run(["git", "checkout", "--", "params.yaml"], work)
-        run(["dvc", "checkout", "train"], work)                      # ... and this brings it back
-        assert (work / "models/model.pt").exists()
+        for command in commands:                                     # ... and the printed commands bring them back
+            run(command.split(), work)
+        assert [path for path in outputs if not path.exists()] == []
     finally:
         run(["git", "checkout", "--", "params.yaml"], work)

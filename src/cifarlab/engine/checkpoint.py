@@ -14,6 +14,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from cifarlab import torchfile
 from cifarlab.atomic import atomic_path, write_bytes
 from cifarlab.engine.classifier import Classifier
 from cifarlab.errors import CifarlabError
@@ -22,24 +23,30 @@ from cifarlab.errors import CifarlabError
 def save_checkpoint(path: str | Path, model: Classifier, **info: Any) -> None:
     """Equal weights and info give equal bytes: `torch.save` to a file writes that file's name
     (here the random temporary name) into the archive, so it saves to a buffer, whose archive name
-    is fixed, and the bytes are written atomically. DVC then sees the same model as the same file."""
-    state = {"arch": model.arch, "state_dict": model.state_dict(), **info}
+    is fixed, and the bytes are written atomically. DVC then sees the same model as the same file.
+    The file is sealed with its content digest (`cifarlab.torchfile`), a function of the weights and
+    info, so equal models still give equal bytes."""
+    state = torchfile.sealed({"arch": model.arch, "state_dict": model.state_dict(), **info})
     buffer = io.BytesIO()
     torch.save(state, buffer)
     write_bytes(path, buffer.getvalue())
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[Classifier, dict]:
-    """Rebuild the model a checkpoint describes; a missing, truncated or mismatched file is a CifarlabError."""
+    """Rebuild the model a checkpoint describes. A missing, empty, truncated, garbage or changed file,
+    or weights of another model, is a one-line CifarlabError naming the file. A checkpoint written
+    before checkpoints were sealed (no digest) loads unchecked."""
     path = Path(path)
     if not path.exists():
         raise CifarlabError(f"checkpoint {path} does not exist; run `dvc repro train`")
+    restore = "; `dvc repro train` restores it (from DVC's run-cache, or by training again)"
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        state = torchfile.load(path, "checkpoint", require_digest=False, map_location=map_location)
         arch, weights = state["arch"], state["state_dict"]
-    except Exception as err:  # torch raises many types for a damaged file
-        first = str(err).splitlines()[0].split(". ")[0]   # torch's first sentence; the rest is boilerplate
-        raise CifarlabError(f"checkpoint {path} is unreadable (truncated or not a checkpoint): {first[:200]}") from None
+    except torchfile.DamagedFile as err:
+        raise CifarlabError(f"{err}{restore}") from None
+    except KeyError as err:
+        raise CifarlabError(f"checkpoint {path} is not a model checkpoint: it has no `{err.args[0]}`{restore}") from None
     try:
         model = Classifier(arch, dropout=state.get("dropout", 0.0), num_classes=state.get("num_classes", 10))
     except KeyError as err:
@@ -60,9 +67,12 @@ class StateWriter:
     `save(path, state)` copies the state's tensors into host buffers kept from one save to the next
     (on CUDA the device-to-host copy; on a CPU a memcpy into memory already mapped): that copy is
     all the training loop waits for. A thread then writes the file atomically (temporary name, then
-    rename) while the next epoch trains, and without the zip CRC-32 of every record, which cost most
-    of a synchronous save (measured: docs/measurements.md); a file that does not load is not resumed
-    anyway (`cifarlab.engine.resume.load_resume_state`).
+    rename) while the next epoch trains, sealed with the sha256 of its content (`cifarlab.torchfile`)
+    and without the zip CRC-32 of every record, which cost most of a synchronous save (measured:
+    docs/measurements.md) and which torch never reads back: the digest is what
+    `cifarlab.engine.resume.load_resume_state` checks, and a file that fails it is not resumed. The
+    file goes through a Python file object, so a full disk is an OSError (ENOSPC), which
+    `cifarlab.atomic` reports in one line, not torch's internal message.
 
     One write at a time: `save` first waits for the previous write. `wait()` waits for the last one
     and raises if it failed; the trainer calls it before it reports a state as saved (interruption,
@@ -111,31 +121,37 @@ class StateWriter:
     def _write(self, path: Path, snapshot: dict) -> None:
         started = time.perf_counter()
         try:
-            with atomic_path(path) as tmp, _without_crc32():
-                torch.save(snapshot, tmp)
-        except Exception as err:  # reported by the next wait(), in the training thread
+            state = torchfile.sealed(snapshot)
+            with atomic_path(path, size=_nbytes(state), what="the training state ") as tmp, _without_crc32(), \
+                    open(tmp, "wb") as handle:
+                torch.save(state, handle)
+        except CifarlabError as err:   # the disk is full: reported by the next wait(), in the training thread
+            self._error = str(err)
+        except Exception as err:
             self._error = f"cannot write the training state {path}: {' '.join(str(err).split())[:200]}"
         self.seconds.append(time.perf_counter() - started)
+
+
+def _nbytes(value: Any) -> int:
+    """About the size of `value` saved: its tensors' bytes (the rest is small)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    return 0
 
 
 def _copy_into(buffer: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """`buffer.copy_(value)`; between CPU tensors that each fill their own storage, a plain memcpy of
     the bytes (numpy): torch's copy_ runs each tensor as a parallel region, ten times slower than the
     memcpy on a 2-core machine (measured: docs/measurements.md)."""
-    source, target = _own_bytes(value), _own_bytes(buffer)
+    source, target = torchfile.own_bytes(value), torchfile.own_bytes(buffer)
     if source is None or target is None or source.shape != target.shape:
         return buffer.copy_(value)
     np.copyto(target, source)
     return buffer
-
-
-def _own_bytes(tensor: torch.Tensor) -> Optional[np.ndarray]:
-    """The bytes of a CPU tensor that fills exactly its own storage (any dense layout), or None."""
-    if tensor.device.type != "cpu" or tensor.storage_offset() != 0 or tensor.numel() == 0 \
-            or tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size() \
-            or not (tensor.is_contiguous() or tensor.is_contiguous(memory_format=torch.channels_last)):
-        return None
-    return torch.as_strided(tensor, (tensor.numel(),), (1,)).view(torch.uint8).numpy()
 
 
 def _without_crc32():

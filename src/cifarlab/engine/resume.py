@@ -4,9 +4,10 @@ what it holds, saved after every epoch and restored whole.
 The state is `.cache/train/<fingerprint>.pt`: outside DVC's outs (dvcignored and git-ignored), keyed
 by the run fingerprint (the params train reads, the resolved max LR and runtime, and every file
 dvc.yaml lists as a train dep: data and code). It holds the model, optimizer, scheduler, scaler and
-Lookahead states, every process's RNG states and divergence guard, and the run's `TrainingRecord`.
+Lookahead states, every process's RNG states and divergence guard, and the run's `TrainingRecord`,
+sealed with a digest of that content (`cifarlab.torchfile`) that is checked when it is loaded.
 So a rerun after an interruption resumes from the last complete epoch, and any change that makes
-DVC rerun train for a params, data or code reason starts over.
+DVC rerun train for a params, data or code reason, or a state damaged on disk, starts over.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any, Optional
 
 import torch
 
-from cifarlab import dvcfile, paths
+from cifarlab import dvcfile, paths, torchfile
 from cifarlab.config.params import Params, ParamsError, read_yaml
 from cifarlab.engine.checkpoint import StateWriter
 from cifarlab.engine.lookahead import Lookahead
@@ -175,7 +176,13 @@ def _from_file(saved: dict) -> ResumeState:
 
 def load_resume_state(fingerprint: str, state_dir: Path = paths.TRAIN_STATE_DIR, verbose: bool = True
                       ) -> Optional[ResumeState]:
-    """This run's saved state, or None (with a line saying why) when there is none to resume."""
+    """This run's saved state, or None (with a line saying why) when there is none to resume.
+
+    The state is checked against the content digest it was saved with (`cifarlab.torchfile`). One
+    that is unreadable, or damaged (bytes changed on disk), is never resumed: the run starts over
+    instead of stopping, because the state is only a shortcut (training from epoch 1 gives the run
+    that the params, data and code define, and replaces the file after its first epoch), while
+    stopping would fail every rerun until someone deleted the file by hand."""
     say = print if verbose else (lambda *_: None)
     path = state_path(fingerprint, state_dir)
     if not path.exists():
@@ -187,10 +194,13 @@ def load_resume_state(fingerprint: str, state_dir: Path = paths.TRAIN_STATE_DIR,
             say("train: no saved state, starting fresh")
         return None
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
+        saved = torchfile.load(path, "saved state")
         state = _from_file(saved) if saved["fingerprint"] == fingerprint else None
-    except Exception as err:  # a truncated or foreign file is not fatal: it is simply not resumable
-        say(f"train: saved state {path} is unreadable ({str(err).splitlines()[0][:120]}), starting fresh")
+    except torchfile.DamagedFile as err:
+        say(f"train: {err}; starting fresh (a damaged state is never resumed; it is replaced after the first epoch)")
+        return None
+    except (KeyError, TypeError) as err:   # sealed, but not a resume state of this format
+        say(f"train: saved state {path} is unreadable (not a resume state: {err!r}), starting fresh")
         return None
     if state is None:
         say(f"train: saved state {path} is from a different run (params, data or code changed), starting fresh")
