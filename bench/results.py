@@ -4,6 +4,7 @@ Each file in bench/results/ is what one benchmark run wrote with `--json`:
 
     python bench/throughput.py --json bench/results/<date>-<machine>.json
     python bench/quick_budget.py --json bench/results/<date>-<machine>-quick.json
+    python bench/queue_slots.py --json bench/results/<date>-<machine>-queue.json
     python bench/results.py            # rewrite bench/RESULTS.md from every file there
     python bench/results.py --check    # exit 1 if bench/RESULTS.md is stale (the tests run this)
 
@@ -79,6 +80,20 @@ def quick_budget_rows(results: dict[str, dict]) -> list[list[str]]:
     return rows
 
 
+def queue_slots_rows(results: dict[str, dict]) -> list[list[str]]:
+    rows = []
+    for name, r in results.items():
+        for mode in r["modes"]:
+            trains = [line.removeprefix("train: ") for lines in mode.get("slots", {}).values() for line in lines
+                      if line.startswith("train: ")]
+            rows.append([f"[{name}](results/{name}.json)", r.get("date", "?"), _machine(r),
+                         ("smoke, " if r.get("smoke") else "") + str(r.get("experiments", "?")), f"-j {mode['jobs']}",
+                         f"{mode['wall_seconds']:.1f}" if mode.get("ok") else "failed",
+                         f"{mode['load_before']:.1f} -> {mode['load_after']:.1f}", "; ".join(trains) or "-",
+                         _cell(r.get("speedup"), "{:.2f}x") if mode["jobs"] != 1 else ""])
+    return rows
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) if rows else "(no results yet)"
@@ -86,14 +101,14 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def load(results_dir: Path = RESULTS_DIR) -> dict[str, dict[str, dict]]:
     """bench name -> {result file stem -> its JSON}, in file-name order (dates first sort by time)."""
-    grouped: dict[str, dict[str, dict]] = {"throughput": {}, "quick_budget": {}}
+    grouped: dict[str, dict[str, dict]] = {"throughput": {}, "quick_budget": {}, "queue_slots": {}}
     for path in sorted(results_dir.glob("*.json")):
         try:
             result = json.loads(path.read_text())
             grouped[result["bench"]][path.stem] = result
         except (ValueError, KeyError, TypeError) as err:
-            raise SystemExit(f"{path}: not a result of bench/throughput.py or bench/quick_budget.py "
-                             f"(--json), which record `bench`: {err}") from None
+            raise SystemExit(f"{path}: not a result of bench/throughput.py or bench/quick_budget.py or "
+                             f"bench/queue_slots.py (--json), which record `bench`: {err}") from None
     return grouped
 
 
@@ -115,6 +130,11 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
         "scratch copy (download, range test, training, evaluation, report), per preset.",
         _table(["result", "date", "machine", "threads", "preset", "wall s", "CPU s", "load avg", "test accuracy"],
                quick_budget_rows(grouped["quick_budget"])),
+        "## Two queued experiments side by side (`bench/queue_slots.py`)",
+        "Wall seconds of two quick-budget experiments of assignment 7 (synthetic data) through `dvc queue start -j 1` "
+        "and `-j 2`, each mode in a fresh scratch copy, and the share of the machine each train stage took.",
+        _table(["result", "date", "machine", "experiments", "jobs", "wall s", "load avg", "train stages' shares",
+                "speed-up"], queue_slots_rows(grouped["queue_slots"])),
     ]) + "\n"
 
 

@@ -1,22 +1,26 @@
-"""DDP through torchrun: 2 CPU processes (gloo) against a single-process run of the same global batch."""
+"""DDP through torchrun: 2 CPU processes (gloo) against a single-process run of the same global batch;
+the same run over two "machines" (`runtime.nnodes: 2`) against it."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import socket
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import merge, params_in, run, write_params
+from conftest import merge, params_in, run, tool_env, write_params
 
 # BatchNorm statistics are per process on CPU (SyncBatchNorm needs CUDA), so a 2-process run
 # normalises each half-batch on its own: the weights drift slightly from the single-process run.
 RELATIVE_TOLERANCE = 0.15   # measured: 7.6e-2 (a7_net, SGD, 2 epochs of 8 steps)
 RUN = {"model": {"name": "a7_net", "dropout": 0.0}, "optim": {"name": "sgd", "momentum": 0.9},
        "train": {"epochs": 2, "batch_size": 64, "max_lr": 0.05, "max_at_epoch": 1},
-       "runtime": {"deterministic": True, "precision": "fp32"}}
+       "runtime": {"deterministic": True, "precision": "fp32", "threads": 1}}   # 1 thread: the DDP runs agree bit for bit
 
 
 def final(work):
@@ -31,11 +35,40 @@ def relative_difference(a: dict, b: dict) -> float:
     return float(diff / torch.cat([a[n].flatten() for n in names]).norm())
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def two_machines(work: Path) -> str:
+    """`python stages/train.py` twice in `work` with `runtime.nnodes: 2`, as on two machines sharing the
+    repo (two launches in one folder on 127.0.0.1): their output, once both exit 0."""
+    write_params(work, merge(params_in(work), {"runtime": {"nnodes": 2, "rdzv_endpoint": f"127.0.0.1:{_free_port()}"}}))
+    machines = [subprocess.Popen(["python", "stages/train.py"], cwd=work, env=tool_env(), stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    try:
+        while all(machine.poll() is None for machine in machines):
+            time.sleep(0.2)
+        if any(machine.poll() not in (None, 0) for machine in machines):   # the other would wait to rendezvous
+            for machine in machines:
+                machine.kill()
+        outputs = [machine.communicate(timeout=300)[0] for machine in machines]
+    finally:
+        for machine in machines:
+            machine.kill()
+    assert [machine.returncode for machine in machines] == [0, 0], outputs
+    return "".join(outputs)
+
+
 @pytest.mark.e2e
 def test_two_process_ddp_matches_single_process(stage_dir, tmp_path):
+    """... and two one-process machines (`runtime.nnodes: 2`, torchrun's c10d rendezvous at
+    runtime.rdzv_endpoint, gloo) train exactly the 2-process run of one machine: weights and metrics."""
     write_params(stage_dir, merge(params_in(stage_dir), RUN))
-    ddp = tmp_path / "ddp"
+    ddp, machines = tmp_path / "ddp", tmp_path / "machines"
     shutil.copytree(stage_dir, ddp)
+    shutil.copytree(stage_dir, machines)
     write_params(ddp, merge(params_in(ddp), {"runtime": {"nproc": 2}}))
 
     run(["torchrun", "--standalone", "--nproc_per_node=1", "stages/train.py"], stage_dir)
@@ -52,6 +85,14 @@ def test_two_process_ddp_matches_single_process(stage_dir, tmp_path):
     assert speed["processes"] == 2
     # the training metrics are reduced over both processes' shares of every batch
     assert ddp_metrics["train"]["accuracy"] == pytest.approx(single_metrics["train"]["accuracy"], abs=0.1)
+
+    logs = two_machines(machines)
+    assert logs.count("waiting for 2 machines at 127.0.0.1:") == 2 and logs.count("2 processes") == 1, logs
+    machines_weights, machines_metrics = final(machines)
+    assert ddp_weights.keys() == machines_weights.keys()
+    assert all(torch.equal(ddp_weights[name], machines_weights[name]) for name in ddp_weights)
+    assert machines_metrics == ddp_metrics
+    assert json.loads((machines / "metrics/train_speed.json").read_text())["processes"] == 2
 
 
 @pytest.mark.e2e
@@ -89,3 +130,4 @@ def test_a_failure_in_the_processes_is_printed_once(stage_dir):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "training diverged" in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr
+

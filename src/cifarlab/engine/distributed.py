@@ -4,8 +4,15 @@
 it becomes a small launcher (`launch`): it starts N copies of itself on this machine with the
 environment torchrun would give them (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT), each of
 which dies with the launcher (`lifetime.die_with_parent`), forwards Ctrl-C/SIGTERM to them, and
-prints a failure's one line once (the processes leave it in a file instead of printing it). A
-process started by torchrun itself (several machines) sees WORLD_SIZE and simply joins the group.
+prints a failure's one line once (the processes leave it in a file instead of printing it). The
+processes share the launcher's slot (`cifarlab.engine.slots`): its GPUs as their CUDA_VISIBLE_DEVICES,
+or its threads, and they inherit its locks, so the slot is held as long as any of them runs.
+
+With `runtime.nnodes` M > 1 the same command on each of M machines makes one run: each launcher
+joins torchrun's c10d rendezvous at `runtime.rdzv_endpoint` (`_rendezvous`), which numbers the
+machines in the order they join, and starts its N processes with their global ranks. So every
+machine runs the same command with the same params.yaml, and no machine needs its own rank. A
+process started by torchrun itself sees WORLD_SIZE and simply joins the group.
 
 Each process trains on its contiguous share of every global batch (`loaders.GlobalBatchSampler`),
 gradients are averaged by DistributedDataParallel, and only rank 0 evaluates and writes files.
@@ -32,6 +39,9 @@ from cifarlab.lifetime import LAUNCHER_PID_ENV, signal_name
 
 FAILURE_GRACE_S = 5.0      # after one process fails, how long the others get to stop on their own
 INTERRUPT_GRACE_S = 15.0   # after Ctrl-C/SIGTERM, how long the processes get to save and stop
+RDZV_ID = "cifarlab-train"  # the rendezvous' run id: one run meets at an endpoint at a time
+RDZV_JOIN_TIMEOUT_S = 900   # how long the first machine waits for the others to join
+MASTER_KEY = "cifarlab/master"   # where machine 0 of the rendezvous publishes the process group's address
 
 
 @dataclass(frozen=True)
@@ -60,19 +70,64 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(nproc: int, script: str) -> None:
-    """Run `python script` as `nproc` processes of one DDP run on this machine, and wait for them.
+def _address_towards(host: str) -> str:
+    """This machine's address on the route to `host` (what the other machines can reach it at)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.connect((host, 9))          # a UDP "connection" sends nothing; it only picks the route
+            return sock.getsockname()[0]
+    except OSError:
+        return socket.getfqdn()
+
+
+def _rendezvous(nnodes: int, endpoint: str) -> tuple[int, str, int]:
+    """(this machine's rank among `nnodes`, the process group's address and port) after torchrun's c10d
+    rendezvous at `endpoint`, the machine whose address it names hosting its store."""
+    from torch.distributed.elastic.rendezvous import RendezvousParameters
+    from torch.distributed.elastic.rendezvous import registry
+    from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError, RendezvousTimeoutError
+
+    host = endpoint.rpartition(":")[0]
+    handler = registry.get_rendezvous_handler(RendezvousParameters(
+        backend="c10d", endpoint=endpoint, run_id=RDZV_ID, min_nodes=nnodes, max_nodes=nnodes,
+        join_timeout=RDZV_JOIN_TIMEOUT_S))
+    print(f"train: waiting for {nnodes} machines at {endpoint} (runtime.rdzv_endpoint)", flush=True)
+    try:
+        info = handler.next_rendezvous()
+    except RendezvousTimeoutError:
+        raise CifarlabError(f"runtime.nnodes is {nnodes} but not every machine joined at runtime.rdzv_endpoint "
+                            f"{endpoint} within {RDZV_JOIN_TIMEOUT_S} s; start `python stages/train.py` on each "
+                            f"of the {nnodes} machines") from None
+    except RendezvousConnectionError:
+        raise CifarlabError(f"cannot reach runtime.rdzv_endpoint {endpoint}: set it to HOST:PORT of one of the "
+                            f"machines, with the port free there and open to the others") from None
+    store, node_rank = (info[0], info[1]) if isinstance(info, tuple) else (info.store, info.rank)   # torch < 2.4: a tuple
+    if node_rank == 0:
+        store.set(MASTER_KEY, f"{_address_towards(host)}:{_free_port()}")
+    address, _, port = store.get(MASTER_KEY).decode().rpartition(":")
+    return node_rank, address, int(port)
+
+
+def launch(nproc: int, script: str, slot: Any = None, nnodes: int = 1,
+           rdzv_endpoint: Optional[str] = None) -> None:
+    """Run `python script` as `nproc` processes of one DDP run on this machine, and wait for them;
+    with `nnodes` > 1 as this machine's processes of a run over `nnodes` machines (`_rendezvous`). On
+    `slot` (a `slots.Slot`), the launcher's: the processes get its `child_env()` and its locks.
 
     Raises CifarlabError with the run's one line if any process fails: rank 0's line if it left
     one, else the first failing process's. Ctrl-C or SIGTERM of the launcher reaches every process
     (each saves nothing half-written and stops); a process that does not stop is killed. The
     processes die with the launcher, so killing it (even with SIGKILL) leaves none behind.
     """
+    node_rank, address, port = _rendezvous(nnodes, rdzv_endpoint) if nnodes > 1 else (0, "127.0.0.1", _free_port())
+    world = nproc * nnodes
     work = Path(tempfile.mkdtemp(prefix="cifarlab-ddp-"))
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(nproc),
-               LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0", ROLE_RANK="0", ROLE_WORLD_SIZE=str(nproc),
+    env = dict(os.environ, MASTER_ADDR=address, MASTER_PORT=str(port), WORLD_SIZE=str(world),
+               LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK=str(node_rank), ROLE_WORLD_SIZE=str(world),
                TORCHELASTIC_RUN_ID="cifarlab", **{LAUNCHER_PID_ENV: str(os.getpid())})
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    if slot is not None:
+        env.update(slot.child_env())
     stopped: list[int] = []
 
     def forward(signum, frame) -> None:       # Ctrl-C reaches the whole group; `kill` only us: forward it
@@ -86,12 +141,14 @@ def launch(nproc: int, script: str) -> None:
     previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         for rank in range(nproc):
-            rank_env = dict(env, RANK=str(rank), LOCAL_RANK=str(rank), ROLE_RANK=str(rank),
+            global_rank = node_rank * nproc + rank
+            rank_env = dict(env, RANK=str(global_rank), LOCAL_RANK=str(rank), ROLE_RANK=str(global_rank),
                             **{ERROR_FILE_ENV: str(work / f"rank{rank}.error")})
-            log = None if rank == 0 else open(work / f"rank{rank}.log", "wb")   # rank 0 alone talks
+            log = None if rank == 0 else open(work / f"rank{rank}.log", "wb")   # local rank 0 alone talks
             logs.append(log)
             processes.append(subprocess.Popen([sys.executable, script], env=rank_env, stdout=log,
-                                              stderr=subprocess.STDOUT if log else None))
+                                              stderr=subprocess.STDOUT if log else None,
+                                              pass_fds=slot.fds if slot is not None else ()))
         first_failed: Optional[int] = None
         deadline: Optional[float] = None       # when the processes still running get killed
         while any(p.poll() is None for p in processes):
@@ -158,10 +215,12 @@ def init_distributed(device_type: str) -> Distributed:
     return Distributed(rank, world_size, local_rank)
 
 
-def check_batch_size(batch_size: int, world: Distributed) -> None:
+def check_batch_size(batch_size: int, world: Distributed, nnodes: int = 1) -> None:
     if batch_size % world.world_size:
+        count = (f"runtime.nproc = {world.world_size}" if nnodes == 1 else
+                 f"runtime.nproc x runtime.nnodes = {world.world_size // nnodes} x {nnodes}")
         raise CifarlabError(f"train.batch_size is {batch_size}; allowed: a multiple of the number of processes "
-                            f"(runtime.nproc = {world.world_size})")
+                            f"({count})")
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

@@ -1,6 +1,6 @@
-"""Where and how the numbers are computed: device, precision and memory format, worker count,
-seeding and the RNG state a resumed run restores, and the host-to-device copy (overlapped with
-compute on CUDA)."""
+"""Where and how the numbers are computed: device, precision and memory format, worker count and
+threads (a training stage's share of the machine: `cifarlab.engine.slots`), seeding and the RNG
+state a resumed run restores, and the host-to-device copy (overlapped with compute on CUDA)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import contextlib
 import os
 import random
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ class Runtime:
     channels_last: bool
     num_workers: int
     compile: bool = False        # torch.compile the training step (runtime.compile)
+    slot: Any = None             # the `slots.Slot` a training stage holds (None: evaluate, tools, torchrun)
 
     @property
     def autocast_dtype(self) -> Optional[torch.dtype]:
@@ -40,9 +41,17 @@ class Runtime:
         return self.device.type == "cuda" and self.precision == "fp16"
 
     def describe(self) -> dict:
-        return {"device": str(self.device), "precision": self.precision,
+        """The settings (the run fingerprint covers them, less threads and workers): the device's type,
+        not its index, so a run resumes on whichever GPU its slot is; `placement` says which."""
+        return {"device": self.device.type, "precision": self.precision,
                 "channels_last": self.channels_last, "num_workers": self.num_workers,
                 "compile": self.compile, "threads": torch.get_num_threads()}
+
+    def placement(self) -> dict:
+        """Which share of the machine the run trained on, and why (metrics/train_speed.json's `slot`)."""
+        if self.slot is None:
+            return {"label": f"{self.device}, no slot (not a stage's own process, or started by torchrun)"}
+        return self.slot.record()
 
 
 def cpu_supports_bf16() -> bool:
@@ -53,11 +62,25 @@ def cpu_supports_bf16() -> bool:
         return False
 
 
-def select_runtime(params: RuntimeParams) -> Runtime:
-    if params.device == "cuda" and not torch.cuda.is_available():
-        raise CifarlabError("runtime.device is cuda but no CUDA device is available; use auto or cpu")
-    device = torch.device("cuda" if params.device == "cuda" or
-                          (params.device == "auto" and torch.cuda.is_available()) else "cpu")
+def device_request(value: str) -> tuple[str, Optional[int]]:
+    """runtime.device as (auto | cpu | cuda, the index of `cuda:N` or None)."""
+    kind, _, index = value.partition(":")
+    return kind, int(index) if index else None
+
+
+def select_runtime(params: RuntimeParams, slot: Any = None, processes: int = 1) -> Runtime:
+    """The runtime params resolved for this machine; on a training stage's `slot` (`slots.claim_for`):
+    its GPU, or its threads and loader workers on a CPU. `processes` > 1: a DDP launcher's runtime."""
+    kind, index = device_request(params.device)
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise CifarlabError(f"runtime.device is {params.device} but no CUDA device is available; use auto or cpu")
+    cuda = kind == "cuda" or (kind == "auto" and torch.cuda.is_available())
+    device = torch.device("cpu")
+    if cuda:
+        index = slot.indices[0] if slot is not None and slot.kind == "cuda" else index
+        device = torch.device("cuda", index) if index is not None else torch.device("cuda")
+        if index is not None and processes == 1:
+            torch.cuda.set_device(index)     # what names no device (synchronize, the scaler) means this one
     precision = params.precision
     if precision == "auto":
         if device.type == "cuda":
@@ -67,7 +90,10 @@ def select_runtime(params: RuntimeParams) -> Runtime:
     if device.type == "cpu" and precision == "fp16":
         raise CifarlabError("runtime.precision fp16 needs a CUDA device; use auto, bf16 or fp32 on CPU")
     channels_last = precision != "fp32" if params.channels_last == "auto" else params.channels_last
-    if params.num_workers == "auto":
+    if slot is not None and slot.kind == "cpu":
+        num_workers = slot.num_workers          # its share of the cores: workers and threads counted together
+        torch.set_num_threads(slot.threads)
+    elif params.num_workers == "auto":
         # On CPU one worker prepares the next batch while the model trains, which hides most of the
         # data wait (bench/throughput.py; docs/measurements.md); more workers would take cores from
         # the training threads. On CUDA the CPU is otherwise idle: up to 8 workers.
@@ -75,7 +101,9 @@ def select_runtime(params: RuntimeParams) -> Runtime:
         num_workers = (1 if cores > 1 else 0) if device.type == "cpu" else min(8, cores)
     else:
         num_workers = params.num_workers
-    return Runtime(device, precision, channels_last, num_workers, params.compile)
+    if params.threads != "auto" and not (slot is not None and slot.kind == "cpu"):
+        torch.set_num_threads(params.threads)
+    return Runtime(device, precision, channels_last, num_workers, params.compile, slot)
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:

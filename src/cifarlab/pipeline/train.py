@@ -39,6 +39,7 @@ from cifarlab.engine.resume import (ResumeState, Trainables, TrainingRecord, loa
                                     remove_resume_state, run_fingerprint, save_resume_state, state_path)
 from cifarlab.engine.runtime import Runtime, seed_everything, select_runtime
 from cifarlab.engine.schedule import build_optimizer, build_scheduler, onecycle_for
+from cifarlab.engine.slots import claim_for
 from cifarlab.engine.timer import EpochTimer, phase_summary
 from cifarlab.errors import CifarlabError
 from cifarlab.lifetime import signal_name, stop_signal
@@ -71,20 +72,27 @@ def divergence_advice(chosen: dict) -> str:
 
 def train_stage(params: Params, script: str) -> None:
     """The train stage: one training process, or with `runtime.nproc` N > 1 (and not yet launched)
-    N processes of `script` as one DDP run, which this process starts and waits for
-    (see cifarlab.engine.distributed); a process started that way, or by torchrun, trains its share."""
-    runtime = select_runtime(params.runtime)
+    N processes of `script` as one DDP run, which this process starts and waits for, with
+    `runtime.nnodes` > 1 this machine's share of a run over several (see cifarlab.engine.distributed);
+    a process started that way, or by torchrun, trains its share. The stage holds its share of the
+    machine (`cifarlab.engine.slots`: its GPUs, or its cores) until it ends."""
+    rt = params.runtime
+    runtime = select_runtime(rt, claim_for(rt, "train", rt.nproc), rt.nproc)
     subsets = params.data.train_subset, params.data.test_subset   # the images train sees (0 = a whole split)
-    if params.runtime.nproc > 1 and not launched():
-        check_batch_size(params.train.batch_size, Distributed(world_size=params.runtime.nproc))
-        load_subset(paths.DATA_DIR, *subsets)     # a bad data file or subset size is reported once, here
-        launch(params.runtime.nproc, script)
-        return
-    world = init_distributed(runtime.device.type)
     try:
-        fit(params, load_subset(paths.DATA_DIR, *subsets), runtime, world)
+        if (rt.nproc > 1 or rt.nnodes > 1) and not launched():
+            check_batch_size(params.train.batch_size, Distributed(world_size=rt.nproc * rt.nnodes), rt.nnodes)
+            load_subset(paths.DATA_DIR, *subsets)     # a bad data file or subset size is reported once, here
+            launch(rt.nproc, script, runtime.slot, rt.nnodes, rt.rdzv_endpoint)
+            return
+        world = init_distributed(runtime.device.type)
+        try:
+            fit(params, load_subset(paths.DATA_DIR, *subsets), runtime, world)
+        finally:
+            shutdown()
     finally:
-        shutdown()
+        if runtime.slot is not None:
+            runtime.slot.release()
 
 
 @dataclass(frozen=True)
@@ -285,6 +293,7 @@ def _write_outputs(run: Run, record: TrainingRecord) -> None:
         "images_per_second": images_per_second,
         "epoch_seconds_mean": sum(record.epoch_seconds) / len(record.epoch_seconds),
         "epoch_seconds": record.epoch_seconds, "processes": run.world.world_size, **run.runtime.describe(),
+        "slot": run.runtime.placement(),
         **phase_summary(record.phases), "state_write_seconds": run.writer.seconds})
     write_json(paths.TRAIN_SUMMARY, {   # what `dvc exp show` compares; the learning curves are in TRAIN_LIVE_DIR
         "max_lr": max_lr, "epochs": train.epochs, "images_per_second": images_per_second,
