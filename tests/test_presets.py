@@ -69,8 +69,8 @@ def test_hydra_is_enabled_and_the_base_comes_before_the_preset():
     assert defaults == ["_self_", {"preset": DEFAULT_PRESET}, {"budget": DEFAULT_BUDGET}]   # a budget overrides a preset
 
 
-# Presets that reproduce no write-up: tested in their own files (tests/test_fast_preset.py).
-OTHER_PRESETS = {"fast"}
+# Presets that reproduce no write-up: tested in their own files (tests/test_fast_preset.py, tests/test_muon.py).
+OTHER_PRESETS = {"fast", "fast_muon"}
 
 
 def test_one_preset_file_per_assignment():

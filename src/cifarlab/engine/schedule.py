@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from cifarlab.config.params import OptimParams, TrainParams
+from cifarlab.engine.muon import build_muon
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,10 @@ def param_groups(model: torch.nn.Module, params: OptimParams, lr: float) -> list
 
 
 def build_optimizer(model: torch.nn.Module, params: OptimParams, lr: float) -> torch.optim.Optimizer:
-    """The optimizer of `optim.*`; the first param group is the weights', whose LR the logs show."""
+    """The optimizer of `optim.*`; the first param group is the weights', whose LR the logs show (for
+    muon its one group, the conv filters' Muon LR: `cifarlab.engine.muon`)."""
+    if params.name == "muon":
+        return build_muon(model, params, lr)
     groups = param_groups(model, params, lr)
     if params.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=params.momentum, weight_decay=params.weight_decay,
