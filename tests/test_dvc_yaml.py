@@ -68,7 +68,7 @@ def test_code_deps_follow_imports_transitively_per_file(tmp_path):
 
 # Library files each stage imports (the models folder counts once): what the wings were split for.
 # A stage that suddenly imports many more files reruns on edits it cannot be affected by.
-LIBRARY_FILES = {"download": 11, "lr_find": 18, "max_lr": 10, "train": 26, "evaluate": 23, "report": 15}
+LIBRARY_FILES = {"download": 11, "lr_find": 20, "max_lr": 10, "train": 29, "evaluate": 24, "report": 16}
 
 
 @pytest.mark.parametrize("name", sorted(LIBRARY_FILES))
@@ -117,7 +117,8 @@ def test_changing_train_does_not_touch_download_or_lr_find():
     for name in ("download", "lr_find"):
         for key in STAGES[name].get("params", []):
             assert key == "train.batch_size" or key == "train.seed" or key == "train.div_factor" \
-                or not key.startswith("train"), (name, key)
+                or (name, key) == ("lr_find", "train.max_lr") \
+                or not key.startswith("train"), (name, key)   # lr_find: only whether it is `find` (a number: no-op)
 
 
 @pytest.mark.parametrize("name", sorted(STAGES))

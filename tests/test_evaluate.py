@@ -67,15 +67,6 @@ def test_the_tiny_run_learns_the_synthetic_set_but_not_perfectly(tiny):
     assert read_json(tiny / "metrics/evaluate_run.json")["gallery_images"] == EVALUATE["gallery_size"]
 
 
-def test_lr_find_suggests_below_the_loss_minimum(tiny):
-    found = read_json(tiny / "metrics/lr_find.json")
-    assert found["max_lr"] == found["suggestions"][found["rule"]]
-    low, high = found["window"]
-    assert high == found["loss_minimum_lr"]
-    for rule, lr in found["suggestions"].items():
-        assert low <= lr < found["loss_minimum_lr"], rule
-
-
 def test_tta_figures_are_beside_the_plain_ones(tiny):
     metrics = read_json(tiny / "metrics/evaluate.json")
     assert {"accuracy", "loss", "correct", "tta_hflip", "tta_translate"} <= metrics.keys()

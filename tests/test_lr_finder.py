@@ -166,3 +166,69 @@ def test_divergence_advice_follows_how_the_max_lr_was_chosen(tmp_path):
     assert "lr_find's `steepest` rule (loss minimum at 0.9)" in advice and "e.g. 0.1" in advice
     assert "find" not in advice.replace("lr_find", "")          # never "use find" when find chose it
     assert divergence_advice(resolve(0.3, found)).startswith("lower train.max_lr (e.g. 0.1), or set it to `find`")
+
+
+# --- when the stage runs the range test (lr_find.when) ---------------------------------------------
+
+NO_TORCH = ("import runpy, sys; sys.modules['torch'] = None; sys.path.insert(0, 'stages'); "
+            "runpy.run_path('stages/lr_find.py', run_name='__main__')")
+
+
+def test_range_test_runs_only_when_something_uses_it(default_params):
+    from cifarlab.pipeline.lr_find import wanted
+
+    for max_lr, when, runs in ((0.003, "find", False), ("find", "find", True), (0.003, "always", True),
+                               ("find", "always", True)):
+        params = parse_params(merge(default_params, {"train": {"max_lr": max_lr}, "lr_find": {"when": when}}))
+        assert wanted(params) is runs, (max_lr, when)
+    with pytest.raises(ParamsError, match=r"^params key `lr_find.when` is 'sometimes'; allowed: one of find, always$"):
+        parse_params(merge(default_params, {"lr_find": {"when": "sometimes"}}))
+
+
+def test_a_numeric_max_lr_trains_nothing_imports_no_torch_and_writes_the_same_bytes(stage_dir, tiny_params):
+    """With a number and lr_find.when `find` the stage is a no-op: run with torch made unimportable, it
+    still succeeds, and its outputs are the same bytes for two numbers (so nothing after it reruns)."""
+    from cifarlab.pipeline.lr_find import NOT_RUN, NOT_RUN_CURVE
+    from conftest import run, write_params
+
+    written = []
+    for max_lr in (0.003, 1.5):
+        write_params(stage_dir, merge(tiny_params, {"train": {"max_lr": max_lr}}))
+        result = run(["python", "-c", NO_TORCH], stage_dir)
+        assert "lr_find: not run" in result.stdout and "lr_find.when: always" in result.stdout
+        written.append([(stage_dir / name).read_bytes() for name in ("metrics/lr_find.json", "plots/lr_find.csv")])
+    assert written[0] == written[1]
+    assert json.loads(written[0][0]) == NOT_RUN and written[0][1].decode() == NOT_RUN_CURVE
+    # the same guard catches a stage that does need torch: `always` runs the range test
+    write_params(stage_dir, merge(tiny_params, {"lr_find": {"when": "always"}}))
+    assert run(["python", "-c", NO_TORCH], stage_dir, check=False).returncode != 0
+
+
+def test_always_runs_the_range_test_and_suggests_below_the_loss_minimum(stage_dir, tiny_params):
+    from conftest import run, write_params
+
+    write_params(stage_dir, merge(tiny_params, {"lr_find": {"when": "always"}}))
+    run(["python", "stages/lr_find.py"], stage_dir)
+    found = json.loads((stage_dir / "metrics/lr_find.json").read_text())
+    assert found["ran"] is True and found["max_lr"] == found["suggestions"][found["rule"]]
+    low, high = found["window"]
+    assert high == found["loss_minimum_lr"]
+    for rule, lr in found["suggestions"].items():
+        assert low <= lr < found["loss_minimum_lr"], rule
+    rows = (stage_dir / "plots/lr_find.csv").read_text().splitlines()
+    assert rows[0] == "lr,loss" and len(rows) == found["iterations"] + 1
+
+
+def test_a_minimum_at_the_sweeps_end_is_marked_as_such():
+    """A curve still falling where the sweep ends has its lowest point there: not where the loss turns up."""
+    from cifarlab.config.params import LrFindParams
+    from cifarlab.pipeline.lr_find import read_curve
+
+    params = LrFindParams(when="find", start_lr=1e-7, end_lr=1.0, num_iter=40, step_mode="exp", smooth_f=0.05,
+                          stop_rebound=0.5, rule="min_div_10")
+    lrs = list(np.logspace(-7, 0, 40))
+    falling = read_curve(lrs, list(np.linspace(2.3, 1.0, 40)), params)
+    assert falling["minimum_at_end"] is True and falling["loss_minimum_lr"] == lrs[-1]
+    turned = read_curve(lrs, list(np.concatenate([np.linspace(2.3, 1.0, 30), np.linspace(1.1, 2.5, 10)])), params)
+    assert turned["minimum_at_end"] is False and turned["loss_minimum_lr"] == lrs[29]
+    assert turned["max_lr"] == pytest.approx(lrs[29] / 10) and turned["ran"] is True

@@ -81,3 +81,26 @@ def test_stage_writes_the_same_bytes_for_a_number_whatever_the_range_test_found(
     assert outputs["find", 1e-3] != outputs["find", 4e-3]
     assert json.loads(outputs["find", 4e-3])["max_lr"] == 4e-3
     assert "max_lr: 0.004 from lr_find's `min_div_10` rule (loss minimum at 0.04)" in result.stdout
+
+
+def test_lr_find_depends_on_train_max_lr_to_know_whether_to_run():
+    """lr_find runs the range test only for `find` (or lr_find.when `always`), so it reads train.max_lr;
+    with a number it writes the same bytes whatever the number, so max_lr and train follow only the number."""
+    assert "train.max_lr" in STAGES["lr_find"]["params"] and "lr_find" in STAGES["lr_find"]["params"]
+
+
+def test_a_range_test_that_was_not_run_resolves_a_number_and_refuses_find(tmp_path):
+    from cifarlab.atomic import write_json
+    from cifarlab.errors import CifarlabError
+    from cifarlab.pipeline.lr_find import NOT_RUN
+    from cifarlab.pipeline.max_lr import resolve
+
+    found = tmp_path / "lr_find.json"
+    write_json(found, NOT_RUN)
+    assert resolve(1.5, found) == {"max_lr": 1.5, "chosen_by": "params", "train.max_lr": 1.5}
+    with pytest.raises(CifarlabError, match=r"^train.max_lr is `find` but .*lr_find.json records no range test "
+                                            r"\(lr_find ran for a numeric train.max_lr\); run `dvc repro lr_find`"):
+        resolve("find", found)
+    found.write_text("[1, 2]")
+    with pytest.raises(CifarlabError, match="is missing or incomplete"):
+        resolve("find", found)

@@ -187,16 +187,13 @@ def test_per_class_table_matches_metrics_and_confusion(tiny, report):
 
 
 def test_lr_sections_match_lr_find_and_the_schedule(tiny, report):
-    lr_find = read_json(tiny, paths.LR_FIND_METRICS)
-    rows = table_dict(tables(section(report, "LR range test"))[0])
-    for rule, lr in lr_find["suggestions"].items():
-        assert rows[f"`{rule}`"] == [f"{lr:.3e}", "`lr_find.rule`" if rule == lr_find["rule"] else ""]
-    assert rows["loss minimum (never used)"][0] == f"{lr_find['loss_minimum_lr']:.3e}"
-    # "chosen" is what training used: here the params' number, not the rule's suggestion
-    assert rows["**chosen**: used for training"] == [f"**{TINY['train']['max_lr']:.3e}**",
-                                                     "set in params (`train.max_lr`)"]
-    low, high = lr_find["window"]
-    assert f"({low:.2e} .. {high:.2e}, shaded in the figure)" in section(report, "LR range test")
+    """The tiny run's train.max_lr is a number: no range test ran, and the section says so and how to run it."""
+    assert read_json(tiny, paths.LR_FIND_METRICS)["ran"] is False
+    text = section(report, "LR range test").strip()
+    assert text.startswith("Not run: `train.max_lr` is a number, so nothing uses the range test")
+    assert f"Training used **{TINY['train']['max_lr']:.3e}** (set by `train.max_lr`)" in text
+    assert "`dvc exp run -S lr_find.when=always`" in text and "`train.max_lr: find`" in text
+    assert "](figures/lr_find.png)" in text and not tables(text)
     with (tiny / paths.LR_SCHEDULE).open() as handle:
         lrs = [float(row["lr"]) for row in csv.DictReader(handle)]
     text = section(report, "LR schedule")
@@ -277,8 +274,10 @@ def summary(tmp_path, default_params):
                     "per_class_accuracy": {"cat": 1.0, "dog": 0.5}},
         evaluate_run={"device": "cpu", "precision": "fp32", "seconds": {"plain": 0.5, "gradcam": 0.2, "total": 2.0},
                       "images_per_second": 8.0, "gradcam_layer": "layer3", "gallery_images": 1, "gradcam_images": 1},
-        lr_find={"iterations": 30, "window": [1e-5, 1e-2], "rule": "min_div_10", "max_lr": 1e-3,
-                 "loss_minimum_lr": 1e-2, "suggestions": {"min_div_10": 1e-3, "steepest": 2e-3, "valley": 5e-4}},
+        lr_find={"ran": True, "iterations": 30, "window": [1e-5, 1e-2], "rule": "min_div_10", "max_lr": 1e-3,
+                 "loss_minimum_lr": 1e-2, "suggestions": {"min_div_10": 1e-3, "steepest": 2e-3, "valley": 5e-4},
+                 "minimum_at_end": False},
+        training={"max_lr": 1.7e-3, "epochs": 2, "images_per_second": 100.0, "train_minutes": 0.09},
         speed={"device": "cpu", "precision": "fp32", "epoch_seconds": [3.0, 2.5], "epoch_seconds_mean": 2.75,
                "images_per_second": 100.0},
         history=history, lrs=[1e-4, 1.7e-3, 1e-3, 1e-4],
@@ -423,3 +422,76 @@ def test_result_states_the_time_to_the_target_and_every_tta_figure(summary, tmp_
     assert shown["test accuracy, horizontal-flip TTA"][0] == "75.00% (3 / 4)"
     assert shown["test accuracy, flip + translate TTA (6 views)"][0] == "100.00% (4 / 4)"
     assert shown["test loss, flip + translate TTA (6 views)"][0] == "0.6000"
+
+
+# --- the LR range test's wording, the title, the curves' target line (issue 26) ---------------------
+
+def lr_text(s, tmp_path) -> tuple[str, dict]:
+    from cifarlab.pipeline.report.sections import lr_range_test
+
+    text, figures = render_alone(lr_range_test, s, tmp_path)
+    assert (figures / "lr_find.png").is_file()
+    return text, (table_dict(tables(text)[0]) if tables(text) else {})
+
+
+def with_max_lr(summary, max_lr, trained: float, **lr_find):
+    run = {**summary.run, "train": {**summary.run["train"], "max_lr": max_lr}}
+    return dataclasses.replace(summary, run=run, max_lr=trained, lr_find={**summary.lr_find, **lr_find})
+
+
+def test_lr_section_places_the_lr_used_against_the_range_test(summary, tmp_path):
+    found, _ = lr_text(with_max_lr(summary, "find", 1e-3), tmp_path)
+    assert "Training used **1.000e-03** (lr_find's `min_div_10` suggestion), start LR" in found
+    assert "the loss minimum at 1.000e-02 is never used (training there diverges)" in found
+    above, rows = lr_text(with_max_lr(summary, 1.5, 1.5, loss_minimum_lr=1.0), tmp_path)
+    assert ("Training used **1.500e+00**, above the range test's loss minimum at 1.000e+00 (set by `train.max_lr`)"
+            in above)
+    assert rows["**chosen**: used for training"] == ["**1.500e+00**", "set in params (`train.max_lr`)"]
+    below, _ = lr_text(summary, tmp_path)             # the fixture's 1.7e-3 against a minimum at 1e-2
+    assert "Training used **1.700e-03**, below the range test's loss minimum at 1.000e-02" in below
+
+
+def test_a_minimum_at_the_sweeps_end_is_not_called_diverging(summary, tmp_path):
+    at_end = with_max_lr(summary, 1.5, 1.5, loss_minimum_lr=1.0, window=[1e-5, 1.0], minimum_at_end=True)
+    text, rows = lr_text(at_end, tmp_path)
+    assert ("the curve still falls at the end of the sweep: its lowest point, at 1.000e+00, is only where the sweep "
+            "ended, not where the loss turns up, so the rules may answer low: raise `lr_find.end_lr`") in text
+    assert "training there diverges" not in text and "never used" not in text
+    assert ("Training used **1.500e+00**, above the range test's lowest point at 1.000e+00 (set by `train.max_lr`)"
+            in text)
+    assert rows["lowest point: the sweep's end"] == ["1.000e+00", ""] and "loss minimum (never used)" not in rows
+
+
+def test_a_range_test_that_was_not_run_is_named_with_how_to_run_it(summary, tmp_path):
+    from cifarlab.pipeline.lr_find import NOT_RUN
+
+    skipped = dataclasses.replace(summary, lr_find=dict(NOT_RUN), finder_curve=([], []))
+    text, rows = lr_text(skipped, tmp_path)
+    assert text.startswith("Not run: `train.max_lr` is a number, so nothing uses the range test (`lr_find.when: "
+                           "find`). Training used **1.700e-03** (set by `train.max_lr`)")
+    assert "set `lr_find.when: always` (`dvc exp run -S lr_find.when=always`)" in text and rows == {}
+
+
+def test_the_title_counts_the_epochs_that_ran(summary):
+    fast = dataclasses.replace(summary, report=dataclasses.replace(
+        summary.report, title="fast - airbench94's whitened convnet in {epochs} epochs (TTA)"))
+    assert header(fast).split("\n\n")[0] == "# fast - airbench94's whitened convnet in 2 epochs (TTA)"
+    assert header(summary).split("\n\n")[0] == "# A10 by hand"          # a title without `{epochs}` stays as it is
+
+
+def test_the_curves_draw_the_target_line_only_when_the_run_is_judged(summary, tmp_path, monkeypatch):
+    from cifarlab.pipeline import plots
+    from cifarlab.pipeline.report import sections
+
+    drawn = []
+    monkeypatch.setattr(sections, "curves_figure", lambda history, target, **kw: drawn.append(target) or
+                        plots.curves_figure(history, target, **kw))
+    judged, _ = render_alone(training_curves, summary, tmp_path)
+    synthetic = dataclasses.replace(summary, evaluation={**summary.evaluation, "data_source": "synthetic"})
+    assert not synthetic.judged and "not judged" in render_alone(result, synthetic, tmp_path)[0]
+    unjudged, _ = render_alone(training_curves, synthetic, tmp_path)
+    assert drawn == [0.9, None]
+    assert "the dashed line is the target" in judged and "no target line: not judged" in unjudged
+    labels = lambda fig: [t.get_text() for t in fig.axes[1].get_legend().get_texts()]   # noqa: E731
+    assert "target 90%" in labels(plots.curves_figure(summary.history, 0.9))
+    assert not [label for label in labels(plots.curves_figure(summary.history, None)) if "target" in label]

@@ -15,10 +15,14 @@ TOOLS = {
     "preset-table": ("cifarlab.config.preset_table", "regenerate the README's preset table from conf/preset/"),
     "codedeps": ("cifarlab.tools.codedeps", "regenerate (or --check) dvc.yaml's code deps from the imports"),
     "compare": ("cifarlab.tools.compare", "finished experiments grouped by preset: test accuracy, mean and spread"),
+    "sweep": ("cifarlab.tools.sweep", "run a sweep as SLURM array jobs, one `dvc exp run` each; collect and compare"),
     "exps": ("cifarlab.tools.experiments", "the experiments as a table that fits a terminal, best first"),
+    "queue": ("cifarlab.tools.queue", "queued experiments left Running by a dead worker: list, --clean, --requeue"),
     "check": ("cifarlab.config.overrides", "check `-S` overrides as `dvc exp run` would compose them (did-you-mean)"),
     "run": ("cifarlab.config.overrides:run_main", "check the `-S` overrides, then `dvc exp run` the same arguments"),
     "models": ("cifarlab.models.registry", "list the registered networks with their parameter counts"),
+    "predict": ("cifarlab.tools.predict", "classify image files or folders with a trained model (or an experiment's)"),
+    "export": ("cifarlab.tools.export", "export a trained model to TorchScript and ONNX, its input convention inside"),
 }
 
 

@@ -88,13 +88,14 @@ def test_exp_show_columns_are_the_declared_few(experiments):
 
 
 def test_exp_run_with_new_max_lr_reruns_only_downstream(experiments):
-    """Each `dvc exp run -S train.max_lr=...` ran max_lr and the stages after it, nothing upstream;
+    """Each `dvc exp run -S train.max_lr=...` ran max_lr and the stages after it, and lr_find (a param
+    of it: with a number a no-op), nothing else upstream;
     DVC told the stages the experiment's name and baseline (DVC_EXP_NAME, DVC_EXP_BASELINE_REV), and
     the report says which run it is."""
     work, shown = experiments
     baseline = run(["git", "rev-parse", "--short", "HEAD"], work).stdout.strip()
     for name, ran in shown["exp runs"].items():
-        assert ran_stages(ran["output"]) == {"max_lr", "train", "evaluate", "report"}, name
+        assert ran_stages(ran["output"]) == {"lr_find", "max_lr", "train", "evaluate", "report"}, name   # lr_find: a no-op
         assert f"\n\nRun: experiment **{name}** (`dvc exp run`), from baseline commit `{baseline}`.\n\n" in ran["report"]
     assert "accuracy" in run(["dvc", "metrics", "show", "--json"], work).stdout
     assert run(["dvc", "metrics", "diff", "HEAD", "lr-0.001", "--json"], work).returncode == 0

@@ -138,7 +138,7 @@ def test_quickstart_runs_top_to_bottom_on_the_cpu(quickstart):
     assert len(images) == 2                                # training curves and confusion matrix
     title = composed([f"preset={defaults['PRESET']}"])["report"]["title"]
     shown_report = next(data for _, rich in cells for data in rich.get("text/markdown", []) if title in data)
-    assert "data:image/png;base64," in shown_report and "](figures/" not in shown_report   # figures inlined
+    assert "](figures/" not in shown_report                 # any figure of the first screen inlined
     assert "*The rest of the report (" in shown_report and "](../reports/report.md)" in shown_report
     assert len(shown_report) < len((work / "reports" / "report.md").read_text())   # its first screen only
 
@@ -183,8 +183,8 @@ def test_quick_budget_runs_a_preset_end_to_end(quickstart, tmp_path, monkeypatch
     work, defaults, executed = quickstart
     preset = defaults["COMPARE_WITH"]
     name = f"{preset}-quick-synthetic"
-    [first] = [text for source, text, _ in executed if "run_assignment(PRESET)" in source]
-    [output] = [text for source, text, _ in executed if "run_assignment(COMPARE_WITH)" in source]
+    [first] = [text for source, text, _ in executed if "run_assignment(PRESET" in source]
+    [output] = [text for source, text, _ in executed if "run_assignment(COMPARE_WITH" in source]
     stages = set(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
     assert ran_stages(first) == stages                                # a fresh repo: every stage
     assert ran_stages(output) == stages - {"download"}                # the same synthetic data: not made again

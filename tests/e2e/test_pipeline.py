@@ -36,7 +36,7 @@ def test_synthetic_run_learns_well_above_chance(pipeline):
 def test_outputs_are_consistent(pipeline):
     work, _ = pipeline
     lr_find = json.loads((work / "metrics/lr_find.json").read_text())
-    assert lr_find["max_lr"] < lr_find["loss_minimum_lr"]
+    assert lr_find["ran"] is False                    # a numeric train.max_lr: no range test (tests/test_lr_finder.py)
     lrs = [float(line.split(",")[1]) for line in (work / "plots/lr_schedule.csv").read_text().splitlines()[1:]]
     steps_per_epoch = TINY["data"]["synthetic_train_size"] // TINY["train"]["batch_size"]
     assert len(lrs) == TINY["train"]["epochs"] * steps_per_epoch       # stepped every batch

@@ -48,6 +48,14 @@ def int_at_least(low: int, why: str = "") -> Callable[[Any], int]:
     return check
 
 
+def int_from_to(low: int, high: int, why: str = "") -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"a whole number from {low} to {high}{why}")
+        return value
+    return check
+
+
 def positive_float(value: Any) -> float:
     if _number(value) <= 0:
         raise ValueError("a number > 0")
@@ -126,6 +134,22 @@ def lr_or_find(value: Any) -> Union[float, str]:
         return positive_float(value)
     except ValueError:
         raise ValueError("a number > 0 or `find` (take lr_find's suggestion)") from None
+
+
+def device_name(value: Any) -> str:
+    """runtime.device: auto, cpu, cuda (a free GPU of this machine) or cuda:N (GPU N, whatever holds it)."""
+    kind, colon, index = value.partition(":") if isinstance(value, str) else ("", "", "")
+    if value in ("auto", "cpu", "cuda") or (kind == "cuda" and colon and index.isdigit() and str(int(index)) == index):
+        return value
+    raise ValueError("one of auto, cpu, cuda, cuda:N (N: a GPU's index, from 0)")
+
+
+def host_port(value: Any) -> str:
+    """HOST:PORT, e.g. node0.cluster:29400 or 10.0.0.5:29400."""
+    host, colon, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
+    if not (colon and host.strip() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError("HOST:PORT with a port from 1 to 65535, e.g. node0:29400")
+    return value
 
 
 def md5_hex(value: Any) -> str:

@@ -26,9 +26,9 @@ from ruamel.yaml.error import YAMLError
 
 from cifarlab.config import lr_rules
 from cifarlab.config.checks import FIND  # noqa: F401  (re-exported: train.max_lr's word, imported with the sections)
-from cifarlab.config.checks import (any_int, auto_or, boolean, float_at_least, fraction_below_one, int_at_least, key,
-                                    lr_or_find, md5_hex, model_name, non_negative_int, null_or, one_of, positive_float,
-                                    positive_int, probability, text)
+from cifarlab.config.checks import (any_int, auto_or, boolean, device_name, float_at_least, fraction_below_one,
+                                    host_port, int_at_least, int_from_to, key, lr_or_find, md5_hex, model_name,
+                                    non_negative_int, null_or, one_of, positive_float, positive_int, probability, text)
 from cifarlab.errors import CifarlabError
 from cifarlab.models.names import WHITENING
 
@@ -109,7 +109,7 @@ class AugmentParams:
 
 @dataclass(frozen=True)
 class OptimParams:
-    name: str = key(one_of("adam", "adamw", "sgd"))
+    name: str = key(one_of("adam", "adamw", "sgd", "muon"))
     weight_decay: float = key(float_at_least(0.0))
     momentum: float = key(fraction_below_one)
     nesterov: bool = key(boolean)
@@ -117,10 +117,19 @@ class OptimParams:
     bias_lr_scale: float = key(float_at_least(1.0))
     lookahead: bool = key(boolean)
     whiten_bias_epochs: Optional[int] = key(null_or(positive_int, "a whole number >= 1"))
+    # muon only (cifarlab.engine.muon): the conv filters' Muon, and the SGD side's LR as a multiple of Muon's
+    muon_momentum: float = key(fraction_below_one)
+    muon_ns_steps: int = key(int_from_to(1, 99, " (torch.optim.Muon refuses 100 or more)"))
+    muon_renormalise: bool = key(boolean)
+    muon_sgd_lr_scale: float = key(positive_float)
+
+
+LR_FIND_WHEN = ("find", "always")   # lr_find.when: run the range test only for train.max_lr `find`, or always
 
 
 @dataclass(frozen=True)
 class LrFindParams:
+    when: str = key(one_of(*LR_FIND_WHEN))
     start_lr: float = key(positive_float)
     end_lr: float = key(positive_float)
     num_iter: int = key(int_at_least(lr_rules.MIN_NUM_ITER, f" (the rules skip the first {lr_rules.SKIP_START} "
@@ -166,11 +175,14 @@ class ReportParams:
 
 @dataclass(frozen=True)
 class RuntimeParams:
-    device: str = key(one_of("auto", "cpu", "cuda"))
+    device: str = key(device_name)
     precision: str = key(one_of("auto", "fp32", "bf16", "fp16"))
     channels_last: Union[bool, str] = key(auto_or(boolean, "true or false"))
     num_workers: Union[int, str] = key(auto_or(non_negative_int, "a whole number >= 0"))
+    threads: Union[int, str] = key(auto_or(positive_int, "a whole number >= 1"))
     nproc: int = key(positive_int)
+    nnodes: int = key(positive_int)
+    rdzv_endpoint: Optional[str] = key(null_or(host_port, "HOST:PORT, e.g. node0:29400"))
     deterministic: bool = key(boolean)
     compile: bool = key(boolean)
 
@@ -252,6 +264,16 @@ def _check_across_sections(params: Params) -> None:
             raise ParamsError(f"params key `optim.whiten_bias_epochs` is {params.optim.whiten_bias_epochs}; allowed: "
                               f"null for model {params.model.name} (only a model with a whitening conv, e.g. "
                               f"fast_net, has that bias)")
+    if params.optim.name == "muon" and train.cycle_momentum:
+        raise ParamsError("params key `train.cycle_momentum` is true; allowed with optim.name muon: false (its two "
+                          "momenta, optim.muon_momentum and optim.momentum, stay as set)")
+    runtime = params.runtime
+    if ":" in runtime.device and runtime.nproc > 1:
+        raise ParamsError(f"params key `runtime.device` is {runtime.device}; allowed with runtime.nproc "
+                          f"{runtime.nproc}: auto or cuda (a DDP run takes {runtime.nproc} free GPUs)")
+    if runtime.nnodes > 1 and runtime.rdzv_endpoint is None:
+        raise ParamsError(f"params key `runtime.rdzv_endpoint` is null; allowed with runtime.nnodes {runtime.nnodes}: "
+                          f"HOST:PORT of one of the machines, the same on every machine, e.g. node0:29400")
     data = params.data
     if data.source == "synthetic":
         for split in ("train", "test"):

@@ -9,6 +9,9 @@ train reruns. The file records only what training and its divergence advice need
 - a number: `{"max_lr": 0.003, "chosen_by": "params", "train.max_lr": 0.003}`, nothing from lr_find;
 - `find`: also lr_find's `rule` and its `loss_minimum_lr` (the advice names both when training diverges).
 
+With a number, lr_find runs no range test (`cifarlab.pipeline.lr_find.wanted`) and its file says so;
+with `find` it always runs one, and a file that records none is refused in one line.
+
 No torch here: the stage only reads a JSON file and params.
 """
 
@@ -33,11 +36,16 @@ def resolve(max_lr: MaxLr, lr_find_metrics: Path = paths.LR_FIND_METRICS) -> dic
         return {"max_lr": float(max_lr), "chosen_by": "params", "train.max_lr": float(max_lr)}
     try:
         found = json.loads(Path(lr_find_metrics).read_text())
-        chosen = {"max_lr": float(found["max_lr"]), "chosen_by": "lr_find", "train.max_lr": FIND,
-                  "rule": str(found["rule"]), "loss_minimum_lr": float(found["loss_minimum_lr"])}
-    except (OSError, ValueError, KeyError, TypeError):
+        not_run = found.get("ran") is False
+        if not not_run:
+            chosen = {"max_lr": float(found["max_lr"]), "chosen_by": "lr_find", "train.max_lr": FIND,
+                      "rule": str(found["rule"]), "loss_minimum_lr": float(found["loss_minimum_lr"])}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         raise CifarlabError(f"train.max_lr is `find` but {lr_find_metrics} is missing or incomplete; "
                             f"run `dvc repro lr_find` or set train.max_lr to a number") from None
+    if not_run:
+        raise CifarlabError(f"train.max_lr is `find` but {lr_find_metrics} records no range test (lr_find ran for a "
+                            f"numeric train.max_lr); run `dvc repro lr_find` or set train.max_lr to a number")
     if not (math.isfinite(chosen["max_lr"]) and chosen["max_lr"] > 0):
         raise CifarlabError(f"{lr_find_metrics} suggests max_lr {chosen['max_lr']}, not a number > 0; "
                             f"rerun `dvc repro lr_find` or set train.max_lr to a number")

@@ -22,9 +22,11 @@ from cifarlab.config.params import IMAGE_SIDE, AugmentParams  # noqa: E402
 
 
 def lr_find_figure(lrs: Sequence[float], losses: Sequence[float], candidates: Mapping[str, float], rule: str,
-                   loss_minimum: float, window: Sequence[float], trained_lr: float, trained_from_find: bool):
+                   loss_minimum: float, window: Sequence[float], trained_lr: float, trained_from_find: bool,
+                   minimum_at_end: bool = False):
     """The range-test curve with the window the rules read shaded, every rule's suggestion marked
-    (`rule` is lr_find.rule's), and the max LR training used, the one thick line: "chosen"."""
+    (`rule` is lr_find.rule's), and the max LR training used, the one thick line: "chosen". With
+    `minimum_at_end` the lowest point is the sweep's last (the loss still falls there), and says so."""
     fig, ax = plt.subplots(figsize=(8, 5))
     ax.axvspan(window[0], window[1], color="tab:green", alpha=0.08,
                label=f"window the rules read: {window[0]:.1e} .. {window[1]:.1e}")
@@ -33,8 +35,12 @@ def lr_find_figure(lrs: Sequence[float], losses: Sequence[float], candidates: Ma
     for name, lr in candidates.items():
         ax.axvline(lr, color=colours[name], linewidth=1.2, linestyle="--",
                    label=f"{name}: {lr:.2e}" + ("  (lr_find.rule)" if name == rule else ""))
-    ax.axvline(loss_minimum, color="tab:red", linestyle=":", label=f"loss minimum: {loss_minimum:.2e} (never used)")
-    source = f"lr_find's {rule}" if trained_from_find else "set in train.max_lr"
+    ax.axvline(loss_minimum, color="tab:red", linestyle=":",
+               label=f"lowest point: {loss_minimum:.2e}, the sweep's end (still falling)" if minimum_at_end
+               else f"loss minimum: {loss_minimum:.2e} (never used)")
+    where = "above" if trained_lr > loss_minimum else "below" if trained_lr < loss_minimum else "at"
+    source = (f"lr_find's {rule}" if trained_from_find else
+              f"set in train.max_lr, {where} the {'lowest point' if minimum_at_end else 'loss minimum'}")
     ax.axvline(trained_lr, color="black", linewidth=3, alpha=0.6,
                label=f"chosen: max LR used for training {trained_lr:.2e} ({source})")
     ax.set_xscale("log")
@@ -113,6 +119,12 @@ def confusion_figure(matrix: np.ndarray, classes: Sequence[str]):
     return fig
 
 
+def lr_find_not_run_figure(trained_lr: float):
+    """In place of the range test's curve when nothing used it (a numeric train.max_lr)."""
+    return _empty_figure("LR range test: not run", f"train.max_lr is a number ({trained_lr:.2e}): nothing uses "
+                         f"the range test\nset lr_find.when: always to run it anyway")
+
+
 def _empty_figure(title: str, message: str):
     fig, ax = plt.subplots(figsize=(7, 1.6))
     ax.axis("off")
@@ -147,13 +159,18 @@ def _wrapped_suptitle(fig, title: str) -> None:
     fig.suptitle("\n".join(textwrap.wrap(title, chars)) or title)
 
 
+ZERO_STUB = 0.8   # percentage points: the width drawn for a class at 0%, so its bar is visible
+
+
 def per_class_figure(accuracy: Mapping[str, float], overall: float, title: str):
-    """Horizontal bars of per-class accuracy (%), the overall accuracy as a line."""
+    """Horizontal bars of per-class accuracy (%), the overall accuracy as a line. A class at 0% gets a
+    thin red stub, so its bar still shows beside its label."""
     names = list(accuracy)
     values = 100 * np.asarray([accuracy[name] for name in names])
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.6))
     ys = np.arange(len(names))
-    ax.barh(ys, values, height=0.7, color=["tab:red" if v < 100 * overall else "tab:blue" for v in values])
+    ax.barh(ys, np.maximum(values, ZERO_STUB), height=0.7,
+            color=["tab:red" if v < 100 * overall or v == 0 else "tab:blue" for v in values])
     for y, value in zip(ys, values):
         ax.text(value + 1, y, f"{value:.1f}%", va="center", fontsize=8)
     ax.axvline(100 * overall, color="black", linestyle="--", linewidth=1)
@@ -163,7 +180,7 @@ def per_class_figure(accuracy: Mapping[str, float], overall: float, title: str):
     ax.set_ylim(len(names) - 0.5, -1.1)     # top to bottom in class order, a strip above for the label
     ax.set_xlim(0, 110)
     ax.set_xticks(range(0, 101, 20))
-    ax.set_xlabel("test accuracy (%)   red: below the overall accuracy")
+    ax.set_xlabel("test accuracy (%)   red: below the overall accuracy, or 0%")
     ax.set_ylabel("true class")
     ax.set_title(title)
     ax.grid(True, axis="x", alpha=0.3)

@@ -139,7 +139,10 @@ def run_assignment(preset: str, budget: str, data: str) -> str:
     return name
 
 
-def experiments_text(width: int = 100) -> str:
+NOTEBOOK_WIDTH = 140   # a notebook's output is wider than a terminal: the experiment names stay whole
+
+
+def experiments_text(width: int = NOTEBOOK_WIDTH) -> str:
     return output(sys.executable, "-m", "cifarlab", "exps", "--width", width)
 
 

@@ -22,7 +22,7 @@ from cifarlab import paths
 from cifarlab.atomic import save_figure
 from cifarlab.data.storage import CIFAR10_TEST_SIZE, CIFAR10_TRAIN_SIZE
 from cifarlab.engine.metrics import TTA_VARIANTS
-from cifarlab.pipeline.plots import curves_figure, lr_find_figure, schedule_figure
+from cifarlab.pipeline.plots import curves_figure, lr_find_figure, lr_find_not_run_figure, schedule_figure
 from cifarlab.pipeline.report.summary import RunSummary
 
 
@@ -85,7 +85,7 @@ def _split_size(used: int, whole: int, key: str) -> str:
 
 
 def _verdict(s: RunSummary) -> str:
-    if s.synthetic:
+    if not s.judged:
         return "not judged: synthetic data (the target belongs to CIFAR-10)"
     met = s.accuracy >= s.report.target_accuracy
     return f"**{'met' if met else 'not met'}** ({100 * (s.accuracy - s.report.target_accuracy):+.2f} points)"
@@ -94,7 +94,7 @@ def _verdict(s: RunSummary) -> str:
 def _time_to_target(s: RunSummary) -> str:
     """When the per-epoch test accuracy first reached the target, in cumulative training seconds
     (plots/time_to_accuracy.csv, the plot "Test accuracy vs training time")."""
-    if s.synthetic:
+    if not s.judged:
         return "not judged: synthetic data"
     seconds = list(itertools.accumulate(s.speed.get("epoch_seconds") or []))
     target = s.report.target_accuracy
@@ -148,15 +148,15 @@ def section(title: str, appendix: bool = False) -> Callable:
 def header(s: RunSummary) -> str:
     """The first screen: the title, which run this is, the result in one paragraph, the contents."""
     report = s.report
-    judged = ("not judged: the data is **synthetic**, and the target belongs to CIFAR-10, so this run says nothing "
-              "about meeting it" if s.synthetic else _verdict(s))
+    judged = (_verdict(s) if s.judged else "not judged: the data is **synthetic**, and the target belongs to CIFAR-10, "
+              "so this run says nothing about meeting it")
     reported = report.writeup_accuracy
     writeup = ("Its write-up states no test accuracy." if reported is None else
                f"Its write-up reported {quoted_pct(reported)}{' on CIFAR-10' if s.synthetic else ''}.")
     main = " | ".join(f"[{x.title}](#{x.anchor})" for x in SECTIONS if not x.appendix)
     appendix = " | ".join(f"[{x.title}](#{x.anchor})" for x in SECTIONS if x.appendix)
     return "\n\n".join([
-        f"# {report.title}",
+        f"# {report.title.replace('{epochs}', str(s.training['epochs']))}",   # the epochs that ran, not the preset's
         f"Run: {s.identity.describe()}.",
         f"Preset **{report.preset}**{_budget_note(s)}: `{s.arch}` trained for {s.epochs} epochs on **{s.evaluation['data_source']}** "
         f"data reaches **{pct(s.accuracy)}** test accuracy against a target of {pct(report.target_accuracy)} "
@@ -234,24 +234,35 @@ def augmentation(s: RunSummary, figures: Path) -> str:
 
 @section("LR range test")
 def lr_range_test(s: RunSummary, figures: Path) -> str:
-    found = s.lr_find
-    save_figure(lr_find_figure(*s.finder_curve, found["suggestions"], found["rule"], found["loss_minimum_lr"],
-                               found["window"], s.max_lr, s.from_find), figures / "lr_find.png", dpi=120)
+    found, start = s.lr_find, f"start LR {s.lrs[0]:.3e} (the first batch's: max / `train.div_factor`)"
+    if not s.range_test_ran:
+        save_figure(lr_find_not_run_figure(s.max_lr), figures / "lr_find.png", dpi=120)
+        return (f"Not run: `train.max_lr` is a number, so nothing uses the range test (`lr_find.when: find`). Training "
+                f"used **{s.max_lr:.3e}** (set by `train.max_lr`), {start}. To run the range test anyway, set "
+                f"`lr_find.when: always` (`dvc exp run -S lr_find.when=always`); to train at its suggestion, "
+                f"`train.max_lr: find`.\n\n" + _image("LR range test: not run", "lr_find.png"))
+    minimum, at_end = found["loss_minimum_lr"], found.get("minimum_at_end", False)
+    save_figure(lr_find_figure(*s.finder_curve, found["suggestions"], found["rule"], minimum, found["window"],
+                               s.max_lr, s.from_find, minimum_at_end=at_end), figures / "lr_find.png", dpi=120)
     rows = [[f"`{rule}`", f"{lr:.3e}", "`lr_find.rule`" if rule == found["rule"] else ""]
             for rule, lr in found["suggestions"].items()]
-    rows.append(["loss minimum (never used)", f"{found['loss_minimum_lr']:.3e}", ""])
+    rows.append(["lowest point: the sweep's end" if at_end else "loss minimum (never used)", f"{minimum:.3e}", ""])
     rows.append(["**chosen**: used for training", f"**{s.max_lr:.3e}**",
                  "from lr_find" if s.from_find else "set in params (`train.max_lr`)"])
+    ending = (f"the curve still falls at the end of the sweep: its lowest point, at {minimum:.3e}, is only where the "
+              f"sweep ended, not where the loss turns up, so the rules may answer low: raise `lr_find.end_lr`" if at_end
+              else f"the loss minimum at {minimum:.3e} is never used (training there diverges)")
+    used = (f" (lr_find's `{found['rule']}` suggestion)" if s.from_find else
+            f", {'above' if s.max_lr > minimum else 'below' if s.max_lr < minimum else 'at'} the range test's "
+            f"{'lowest point' if at_end else 'loss minimum'} at {minimum:.3e} (set by `train.max_lr`)")
     return "\n\n".join([
         f"{found['iterations']} mini-batches of the range test"
         f"{' (stopped once the smoothed loss had clearly turned up)' if found.get('stopped_early') else ''}. "
         f"Every rule reads only the window from the trimmed start up to the smoothed-loss minimum "
         f"({found['window'][0]:.2e} .. {found['window'][1]:.2e}, shaded in the figure): past the minimum a "
         f"diverged network saturates and its loss can fall again, which says nothing about a good LR. The "
-        f"`{found['rule']}` rule (`lr_find.rule`) suggests **{found['max_lr']:.3e}**; the loss minimum at "
-        f"{found['loss_minimum_lr']:.3e} is never used (training there diverges). Training used "
-        f"**{s.max_lr:.3e}** ({'from lr_find' if s.from_find else 'set in params'}), start LR "
-        f"{s.lrs[0]:.3e} (the first batch's: max / `train.div_factor`).",
+        f"`{found['rule']}` rule (`lr_find.rule`) suggests **{found['max_lr']:.3e}**; {ending}. Training used "
+        f"**{s.max_lr:.3e}**{used}, {start}.",
         _table(["rule", "max LR", ""], rows),
         _image("LR range test: loss against learning rate, each rule's suggestion and the LR used", "lr_find.png")])
 
@@ -270,12 +281,13 @@ def lr_schedule(s: RunSummary, figures: Path) -> str:
 @section("Training curves")
 def training_curves(s: RunSummary, figures: Path) -> str:
     augmented = bool(s.augment.steps())
-    save_figure(curves_figure(s.history, s.report.target_accuracy, train_augmented=augmented),
-                figures / "curves.png", dpi=120)
+    target_line = s.report.target_accuracy if s.judged else None      # no line where the text says "not judged"
+    save_figure(curves_figure(s.history, target_line, train_augmented=augmented), figures / "curves.png", dpi=120)
     batches = "augmented batches" if augmented else "batches (not augmented: see [Augmentation](#augmentation))"
+    target = "the dashed line is the target" if s.judged else "no target line: not judged (see [Result](#result))"
     return "\n\n".join([
         f"Train figures are the running mean over each epoch's {batches}; test figures are measured on the "
-        f"held-out split after each epoch (for the curves only).",
+        f"held-out split after each epoch (for the curves only); {target}.",
         _image("loss and accuracy per epoch, train and test", "curves.png")])
 
 

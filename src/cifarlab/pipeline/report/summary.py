@@ -19,7 +19,7 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from cifarlab import paths
+from cifarlab import paths, torchfile
 from cifarlab.config.params import FIND, AugmentParams, ReportParams
 from cifarlab.errors import CifarlabError
 
@@ -110,7 +110,8 @@ def read_lr_schedule(path: Path = paths.LR_SCHEDULE) -> list[float]:
 
 
 def read_lr_curve(path: Path = paths.LR_FIND_CURVE) -> tuple[list[float], list[float]]:
-    rows = _read_csv(path)
+    """The range test's (lr, smoothed loss); empty when it was not run (its one row has no LR, only a note)."""
+    rows = [row for row in _read_csv(path) if row["lr"]]
     return [float(row["lr"]) for row in rows], [float(row["loss"]) for row in rows]
 
 
@@ -167,11 +168,12 @@ class RunSummary:
     run: dict                                  # the params the run used (`run_params`)
     evaluation: dict                           # metrics/evaluate.json
     evaluate_run: dict                         # metrics/evaluate_run.json
-    lr_find: dict                              # metrics/lr_find.json
+    lr_find: dict                              # metrics/lr_find.json (`"ran": false` when nothing used it)
+    training: dict                             # metrics/training.json (epochs, max LR, speed)
     speed: dict                                # metrics/train_speed.json
     history: dict[str, list[float]]            # per-epoch series (`read_history`)
     lrs: list[float]                           # the LR of every batch
-    finder_curve: tuple[list[float], list[float]]   # the range test's (lr, smoothed loss)
+    finder_curve: tuple[list[float], list[float]]   # the range test's (lr, smoothed loss); empty if not run
     confusion: np.ndarray                      # [true, predicted] counts of the test split
     arch: str
     parameters: int
@@ -201,6 +203,16 @@ class RunSummary:
         return self.evaluation["data_source"] == "synthetic"
 
     @property
+    def judged(self) -> bool:
+        """Is the accuracy judged against the target? Not on synthetic data: the target belongs to CIFAR-10.
+        The one home of that choice, for the result's text and the curves' target line alike."""
+        return not self.synthetic
+
+    @property
+    def range_test_ran(self) -> bool:
+        return self.lr_find.get("ran", True)
+
+    @property
     def epochs(self) -> int:
         return len(self.history["train/loss"])
 
@@ -226,15 +238,30 @@ class RunSummary:
         return AugmentParams(**self.run["augment"])
 
 
+def read_checkpoint(path: Path = paths.CHECKPOINT) -> dict:
+    """The checkpoint's contents (the report rebuilds no model): a missing, empty, truncated, garbage
+    or changed file is one line naming it, as `cifarlab.engine.checkpoint.load_checkpoint` says it."""
+    if not path.exists():
+        raise CifarlabError(f"report needs {path}; run `dvc repro train`")
+    try:
+        checkpoint = torchfile.load(path, "checkpoint", require_digest=False)
+    except torchfile.DamagedFile as err:
+        raise CifarlabError(f"{err}; `dvc repro train` restores it") from None
+    missing = [key for key in ("arch", "params", "max_lr") if key not in checkpoint]
+    if missing:
+        raise CifarlabError(f"checkpoint {path} is not a model checkpoint: it has no `{missing[0]}`; "
+                            f"`dvc repro train` restores it")
+    return checkpoint
+
+
 def read_summary(params: ReportParams, environ: Mapping[str, str] = os.environ) -> RunSummary:
     """Read every output the report uses, once; a missing or inconsistent one is a one-line error."""
-    import torch
-
     from cifarlab.models.registry import model_spec
 
     evaluation = _read_json(paths.EVAL_METRICS)
     evaluate_run = _read_json(paths.EVAL_RUN)
     lr_find = _read_json(paths.LR_FIND_METRICS)
+    training = _read_json(paths.TRAIN_SUMMARY)
     speed = _read_json(paths.TRAIN_SPEED)
     history = read_history()
     lrs = read_lr_schedule()
@@ -243,9 +270,7 @@ def read_summary(params: ReportParams, environ: Mapping[str, str] = os.environ) 
         if not figure.is_file():
             stage = "train" if figure == paths.AUGMENT_PREVIEW else "evaluate"
             raise CifarlabError(f"report needs {figure}, which is missing; run `dvc repro {stage}`")
-    if not paths.CHECKPOINT.exists():
-        raise CifarlabError(f"report needs {paths.CHECKPOINT}; run `dvc repro train`")
-    checkpoint = torch.load(paths.CHECKPOINT, map_location="cpu", weights_only=False)
+    checkpoint = read_checkpoint()
     classes = list(evaluation["per_class_accuracy"])
     matrix = read_confusion(classes)
     if int(matrix.sum()) != int(evaluation["test_images"]):
@@ -256,9 +281,9 @@ def read_summary(params: ReportParams, environ: Mapping[str, str] = os.environ) 
     versions = _versions() | {"platform": platform.platform()}
     return RunSummary(
         report=params, identity=run_identity(environ), run=run_params(checkpoint["params"], evaluate_run, params),
-        evaluation=evaluation, evaluate_run=evaluate_run, lr_find=lr_find, speed=speed, history=history, lrs=lrs,
-        finder_curve=finder_curve, confusion=matrix, arch=checkpoint["arch"], parameters=parameters,
-        dropout=dropout, model_source=model_spec(checkpoint["arch"]).source, model_table=table,
+        evaluation=evaluation, evaluate_run=evaluate_run, lr_find=lr_find, training=training, speed=speed,
+        history=history, lrs=lrs, finder_curve=finder_curve, confusion=matrix, arch=checkpoint["arch"],
+        parameters=parameters, dropout=dropout, model_source=model_spec(checkpoint["arch"]).source, model_table=table,
         last_epoch=checkpoint.get("epoch", len(history["train/loss"])), max_lr=float(checkpoint["max_lr"]),
         checkpoint_mb=paths.CHECKPOINT.stat().st_size / 1e6, versions=versions,
         figure_sources={figure.name: figure for figure in COPIED_FIGURES})
