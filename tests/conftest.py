@@ -362,3 +362,30 @@ def wait_for_queue(work: Path, timeout: float, every: float = 8) -> list[list[st
             return tasks
         time.sleep(every)
     raise AssertionError(f"queue not finished after {timeout:.0f} s:\n{run(['dvc', 'queue', 'status'], work).stdout}")
+
+
+def processes_in(repo: Path) -> list[str]:
+    """`pid cmdline` of every process (not this one) working in `repo` (its experiment copies under
+    .dvc/tmp/exps/ included) or naming it."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cwd = os.readlink(entry / "cwd")
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue                       # gone, or a zombie
+        if cwd == str(repo) or cwd.startswith(f"{repo}/") or str(repo) in cmdline:
+            found.append(f"{entry.name} {cmdline.strip()}")
+    return found
+
+
+def wait_until_none_left(repo: Path, timeout: float) -> tuple[list[str], float]:
+    """Poll `processes_in(repo)` until it is empty or `timeout` seconds passed: (what is left, seconds)."""
+    started = time.monotonic()
+    left = processes_in(repo)
+    while left and time.monotonic() - started < timeout:
+        time.sleep(0.05)
+        left = processes_in(repo)
+    return left, time.monotonic() - started

@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import TINY, make_repo, merge, run, tool_env, write_params
+from conftest import TINY, make_repo, merge, run, tool_env, wait_until_none_left, write_params
 
 pytestmark = pytest.mark.e2e
 
@@ -31,22 +31,6 @@ RUN = merge(TINY, {"data": {"synthetic_train_size": 256},
                    "train": {"epochs": 4, "batch_size": 64, "max_lr": 0.05, "max_at_epoch": 1},
                    "runtime": {"deterministic": True, "precision": "fp32"}})
 SECONDS_UNTIL_NOTHING_IS_LEFT = 5.0
-
-
-def processes_in(repo: Path) -> list[str]:
-    """`pid cmdline` of every process (not this one) running in `repo` or naming it."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cwd = os.readlink(entry / "cwd")
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue                       # gone, or a zombie
-        if cwd == str(repo) or cwd.startswith(f"{repo}/") or str(repo) in cmdline:
-            found.append(f"{entry.name} {cmdline.strip()}")
-    return found
 
 
 def declared_outputs_of(work: Path, stage: str) -> list[str]:
@@ -98,12 +82,7 @@ def test_killing_dvc_repro_leaves_nothing_and_the_rerun_resumes(repo, signum):
     assert dvc.poll() is None, dvc.communicate()[0]
     time.sleep(0.3)                                                  # into epoch 2
     os.killpg(dvc.pid, signum)
-    killed = time.monotonic()
-    left = processes_in(work)
-    while left and time.monotonic() - killed < 60:
-        time.sleep(0.05)
-        left = processes_in(work)
-    seconds = time.monotonic() - killed
+    left, seconds = wait_until_none_left(work, timeout=60)
     output = dvc.communicate(timeout=60)[0]
     print(f"{nproc} process(es), {signum.name}: nothing left after {seconds:.2f} s")
     assert left == [] and seconds < SECONDS_UNTIL_NOTHING_IS_LEFT, left

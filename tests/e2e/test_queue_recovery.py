@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_RUN, make_repo, queue_tasks, run, tool_env
+from conftest import TINY_RUN, make_repo, processes_in, queue_tasks, run, tool_env, wait_until_none_left
 
 pytestmark = pytest.mark.e2e
 
@@ -56,12 +56,6 @@ def descendants(table: dict[int, dict], pid: int) -> set[int]:
         frontier = {child for child, proc in table.items() if proc["ppid"] in frontier} - found
         found |= frontier
     return found
-
-
-def processes_in(work: Path) -> list[str]:
-    """`pid cmdline` of every process working in the repo (its copies under .dvc/tmp/exps/ included)."""
-    return [f"{pid} {proc['cmdline']}" for pid, proc in processes().items()
-            if proc["cwd"] == str(work) or proc["cwd"].startswith(f"{work}/") or str(work) in proc["cmdline"]]
 
 
 def has_torch(pid: int) -> bool:
@@ -135,12 +129,7 @@ def test_a_killed_queue_worker_leaves_nothing_running_and_its_task_is_requeued(t
                 os.kill(pid, signal.SIGKILL)              # the ancestors first, the train stage spared
             except ProcessLookupError:
                 pass
-        killed = time.monotonic()
-        left = processes_in(work)
-        while left and time.monotonic() - killed < 30:
-            time.sleep(0.05)
-            left = processes_in(work)
-        seconds = time.monotonic() - killed
+        left, seconds = wait_until_none_left(work, timeout=30)
         print(f"killed the worker's tree ({len(tree - trains)} processes, not the {len(trains)} of train): "
               f"nothing left after {seconds:.2f} s")
         assert left == [] and seconds < SECONDS_UNTIL_NOTHING_IS_LEFT, left
