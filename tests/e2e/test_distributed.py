@@ -56,19 +56,32 @@ def two_machines(work: Path) -> str:
 
 def _two_machines(work: Path) -> str:
     write_params(work, merge(params_in(work), {"runtime": {"nnodes": 2, "rdzv_endpoint": f"127.0.0.1:{_free_port()}"}}))
-    machines = [subprocess.Popen(["python", "stages/train.py"], cwd=work, env=tool_env(), stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    def start() -> subprocess.Popen:
+        return subprocess.Popen(["python", "stages/train.py"], cwd=work, env=tool_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+    # The second machine starts once the first hosts the rendezvous store (it says it is waiting): on
+    # real machines only the endpoint's own machine tries to host it; two launches on one host that
+    # start at once would both try, and under load the loser can fail to connect instead of joining.
+    first, seen = start(), []
+    machines = [first]
     try:
+        for line in first.stdout:
+            seen.append(line)
+            if "waiting for 2 machines" in line:
+                break
+        machines.append(start())
         while all(machine.poll() is None for machine in machines):
             time.sleep(0.2)
         if any(machine.poll() not in (None, 0) for machine in machines):   # the other would wait to rendezvous
             for machine in machines:
                 machine.kill()
         outputs = [machine.communicate(timeout=300)[0] for machine in machines]
+        outputs[0] = "".join(seen) + outputs[0]
     finally:
         for machine in machines:
             machine.kill()
-    assert [machine.returncode for machine in machines] == [0, 0], outputs
+    assert [machine.returncode for machine in machines] == [0, 0], "\n---\n".join(outputs)
     return "".join(outputs)
 
 
