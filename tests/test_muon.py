@@ -8,7 +8,6 @@ import contextlib
 import math
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ import torch
 
 from cifarlab.config.params import ParamsError, parse_params
 from cifarlab.engine.classifier import Classifier
+from cifarlab.engine.distributed import free_port
 from cifarlab.engine.muon import MuonSGD
 from cifarlab.engine.schedule import build_optimizer, build_scheduler, onecycle_for, onecycle_lr
 from cifarlab.errors import CifarlabError
@@ -320,11 +320,6 @@ def test_an_interrupted_run_resumes_to_the_weights_of_a_straight_one(tmp_path, m
 
 # --- DDP --------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def no_norm_convnet() -> torch.nn.Module:
     """small_convnet without its BatchNorm, whose statistics are per process on a CPU: its conv bias is
@@ -365,7 +360,7 @@ def test_two_process_ddp_steps_muon_on_the_gradient_reduced_over_both(tmp_path):
     import torch._dynamo  # noqa: F401  (DDP imports it: once here, not in each process)
 
     # forked, as DataLoader workers are: nothing is imported or composed again
-    torch.multiprocessing.start_processes(_ddp_process, args=(_free_port(), str(tmp_path), optim_params()), nprocs=2,
+    torch.multiprocessing.start_processes(_ddp_process, args=(free_port(), str(tmp_path), optim_params()), nprocs=2,
                                           start_method="fork")
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
     references = []

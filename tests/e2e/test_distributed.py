@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cifarlab.engine.distributed import free_port
 from conftest import merge, params_in, run, tool_env, write_params
 
 # BatchNorm statistics are per process on CPU (SyncBatchNorm needs CUDA), so a 2-process run
@@ -35,16 +35,11 @@ def relative_difference(a: dict, b: dict) -> float:
     return float(diff / torch.cat([a[n].flatten() for n in names]).norm())
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def two_machines(work: Path) -> str:
     """`python stages/train.py` twice in `work` with `runtime.nnodes: 2`, as on two machines sharing the
     repo (two launches in one folder on 127.0.0.1): their output, once both exit 0. A free port can be
-    taken by another process between `_free_port` and the rendezvous binding it: then once more, on
+    taken by another process between `free_port` and the rendezvous binding it: then once more, on
     another port."""
     try:
         return _two_machines(work)
@@ -55,7 +50,7 @@ def two_machines(work: Path) -> str:
 
 
 def _two_machines(work: Path) -> str:
-    write_params(work, merge(params_in(work), {"runtime": {"nnodes": 2, "rdzv_endpoint": f"127.0.0.1:{_free_port()}"}}))
+    write_params(work, merge(params_in(work), {"runtime": {"nnodes": 2, "rdzv_endpoint": f"127.0.0.1:{free_port()}"}}))
     def start() -> subprocess.Popen:
         return subprocess.Popen(["python", "stages/train.py"], cwd=work, env=tool_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)

@@ -9,13 +9,14 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from cifarlab.engine.distributed import free_port
 
 from conftest import TINY_NET, TINY_RUN, exp_rows, make_repo, merge, run, tool_env
 
@@ -56,11 +57,6 @@ NodeName=node1 NodeAddr=127.0.0.1 CPUs=2 RealMemory=1000 State=UNKNOWN
 PartitionName=debug Nodes=node1 Default=YES MaxTime=INFINITE State=UP
 """
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stop_pid_file(path: Path) -> None:

@@ -64,7 +64,7 @@ def launched() -> bool:
     return "WORLD_SIZE" in os.environ
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -103,7 +103,7 @@ def _rendezvous(nnodes: int, endpoint: str) -> tuple[int, str, int]:
                             f"machines, with the port free there and open to the others") from None
     store, node_rank = (info[0], info[1]) if isinstance(info, tuple) else (info.store, info.rank)   # torch < 2.4: a tuple
     if node_rank == 0:
-        store.set(MASTER_KEY, f"{_address_towards(host)}:{_free_port()}")
+        store.set(MASTER_KEY, f"{_address_towards(host)}:{free_port()}")
     address, _, port = store.get(MASTER_KEY).decode().rpartition(":")
     return node_rank, address, int(port)
 
@@ -119,7 +119,7 @@ def launch(nproc: int, script: str, slot: Any = None, nnodes: int = 1,
     (each saves nothing half-written and stops); a process that does not stop is killed. The
     processes die with the launcher, so killing it (even with SIGKILL) leaves none behind.
     """
-    node_rank, address, port = _rendezvous(nnodes, rdzv_endpoint) if nnodes > 1 else (0, "127.0.0.1", _free_port())
+    node_rank, address, port = _rendezvous(nnodes, rdzv_endpoint) if nnodes > 1 else (0, "127.0.0.1", free_port())
     world = nproc * nnodes
     work = Path(tempfile.mkdtemp(prefix="cifarlab-ddp-"))
     env = dict(os.environ, MASTER_ADDR=address, MASTER_PORT=str(port), WORLD_SIZE=str(world),
