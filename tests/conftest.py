@@ -285,10 +285,11 @@ def make_repo(tmp_path: Path, override: dict) -> Path:
 # Two presets as named experiments in one fresh repo, then the first again (tests/test_revisit.py and
 # test_presets.py). A and B differ in every stage's inputs: the preset changes the model, optimizer
 # and report; B's synthetic seed changes the data, so on the way back even download comes from the
-# run-cache. A's max LR on the command line wins over both the preset's and TINY_RUN's.
-PRESET_A_MAX_LR = 0.01
-PRESET_A = ["-S", "preset=assignment7", "-S", f"train.max_lr={PRESET_A_MAX_LR}"]
-PRESET_B = ["-S", "preset=assignment10", "-S", "data.synthetic_seed=1"]
+# run-cache. A trains at the LR its range test suggests (`find`); B's max LR on the command line wins
+# over both the preset's and TINY_RUN's.
+PRESET_A = ["-S", "preset=assignment7", "-S", "train.max_lr=find"]
+PRESET_B_MAX_LR = 0.01
+PRESET_B = ["-S", "preset=assignment10", "-S", "data.synthetic_seed=1", "-S", f"train.max_lr={PRESET_B_MAX_LR}"]
 RUN_FILES = ("metrics/test.json", "metrics/training.json", "metrics/evaluate.json", "metrics/max_lr.json",
              "metrics/lr_find.json", "models/model.pt", "reports/report.md")
 

@@ -17,8 +17,9 @@ from conftest import merge, params_in, run, tool_env, write_params
 
 # BatchNorm statistics are per process on CPU (SyncBatchNorm needs CUDA), so a 2-process run
 # normalises each half-batch on its own: the weights drift slightly from the single-process run.
-RELATIVE_TOLERANCE = 0.15   # measured: 7.6e-2 (a7_net, SGD, 2 epochs of 8 steps)
-RUN = {"model": {"name": "a7_net", "dropout": 0.0}, "optim": {"name": "sgd", "momentum": 0.9},
+RELATIVE_TOLERANCE = 0.15   # measured: 3.2e-2 (a7_net, SGD, 2 epochs of 4 steps)
+RUN = {"data": {"train_subset": 256, "test_subset": 100},   # subsets: 4 steps an epoch
+       "model": {"name": "a7_net", "dropout": 0.0}, "optim": {"name": "sgd", "momentum": 0.9},
        "train": {"epochs": 2, "batch_size": 64, "max_lr": 0.05, "max_at_epoch": 1},
        "runtime": {"deterministic": True, "precision": "fp32", "threads": 1}}   # 1 thread: the DDP runs agree bit for bit
 

@@ -1,9 +1,9 @@
 """End to end: killing or interrupting `dvc repro` mid-training leaves no process behind, and the
 rerun resumes to exactly the uninterrupted result; a failing stage's line says how to restore outputs.
 
-Each case runs the real pipeline in a temporary git + DVC repo (`make_repo`), kills the process
-group of `dvc repro -f -s train` once a complete epoch is saved, then looks in /proc for any process
-whose working directory or command line is in the repo.
+Each process count runs the real pipeline in a temporary git + DVC repo (`make_repo`), then sends
+each signal in turn to the process group of `dvc repro -f -s train` once one more epoch is saved, and
+after each looks in /proc for any process whose working directory or command line is in the repo.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from conftest import TINY, make_repo, merge, run, tool_env, wait_until_none_left
 
 pytestmark = pytest.mark.e2e
 
-# Four epochs of four batches: long enough to be killed inside the second (0.3 s after the first is
-# saved), short enough that eight trainings and the reruns stay cheap.
+# Five epochs of four batches: room for three interruptions, each 0.3 s into the epoch after a saved
+# one, and an epoch to spare before the last run finishes; short enough that the trainings stay cheap.
 RUN = merge(TINY, {"data": {"synthetic_train_size": 256},
                    "model": {"name": "a7_net", "dropout": 0.05}, "optim": {"name": "sgd", "momentum": 0.9},
-                   "train": {"epochs": 4, "batch_size": 64, "max_lr": 0.05, "max_at_epoch": 1},
+                   "train": {"epochs": 5, "batch_size": 64, "max_lr": 0.05, "max_at_epoch": 1},
                    "runtime": {"deterministic": True, "precision": "fp32"}})
 SECONDS_UNTIL_NOTHING_IS_LEFT = 5.0
 
@@ -61,42 +61,58 @@ def repo(request, tmp_path_factory):
     assert not list((work / ".cache/train").glob("*.pt"))          # a completed run leaves no state
     run(["git", "add", "-A"], work)
     run(["git", "commit", "-qm", "reference run"], work)
-    if request.param == 1:     # the same check in the launcher for any nproc: once is enough
-        again = run(["dvc", "repro", "-f", "-s", "train"], work)    # after a completed run, -f starts over
-        assert "no saved state, starting fresh" in again.stdout and "resuming" not in again.stdout
     return work, request.param, final(work)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
-def test_killing_dvc_repro_leaves_nothing_and_the_rerun_resumes(repo, signum):
-    work, nproc, (reference_metrics, reference_weights) = repo
-    if nproc == 2 and signum == signal.SIGTERM:
-        # SIGTERM ends DVC at once, so the stage dies with it as under SIGKILL (PR_SET_PDEATHSIG): the
-        # 2-process SIGKILL case covers it; the 1-process case covers the stage's own SIGTERM handling.
-        pytest.skip("2-process SIGTERM takes the 2-process SIGKILL path")
+# Each signal in turn, each into a later epoch of the same training: a run is interrupted, the next
+# `dvc repro -f` resumes it and is interrupted in turn, and the last one finishes. Under 2 processes
+# SIGTERM ends DVC at once, so the stage dies with it as under SIGKILL (PR_SET_PDEATHSIG): the SIGKILL
+# case covers it there; the 1-process case covers the stage's own SIGTERM handling.
+SIGNALS = {1: (signal.SIGINT, signal.SIGTERM, signal.SIGKILL), 2: (signal.SIGINT, signal.SIGKILL)}
+
+
+def interrupt_once(work: Path, nproc: int, signum: signal.Signals) -> tuple[str, int]:
+    """`dvc repro -f -s train`, its process group sent `signum` 0.3 s into the epoch after the one
+    saved when it started: (its output, the epoch saved when nothing was left)."""
+    before = saved_epoch(work)
     dvc = subprocess.Popen(["dvc", "repro", "-f", "-s", "train"], cwd=work, env=tool_env(), start_new_session=True,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
-    while saved_epoch(work) < 1 and dvc.poll() is None and time.time() < deadline:
+    while saved_epoch(work) <= before and dvc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert dvc.poll() is None, dvc.communicate()[0]
-    time.sleep(0.3)                                                  # into epoch 2
+    time.sleep(0.3)                                                  # into the next epoch
     os.killpg(dvc.pid, signum)
     left, seconds = wait_until_none_left(work, timeout=60)
     output = dvc.communicate(timeout=60)[0]
-    print(f"{nproc} process(es), {signum.name}: nothing left after {seconds:.2f} s")
-    assert left == [] and seconds < SECONDS_UNTIL_NOTHING_IS_LEFT, left
-    assert "Traceback" not in output and "ChildFailedError" not in output
+    print(f"{nproc} process(es), {signum.name} after epoch {before + 1}: nothing left after {seconds:.2f} s")
+    assert left == [] and seconds < SECONDS_UNTIL_NOTHING_IS_LEFT, (signum.name, left)
+    assert "Traceback" not in output and "ChildFailedError" not in output, output
     # SIGTERM of the group ends DVC at once, and the trainer dies with it (no one is left to read a
     # message); Ctrl-C leaves DVC waiting for the stage, whose one line says what happened.
     if signum == signal.SIGINT:
         errors = [line for line in output.splitlines() if line.startswith("error:")]
         assert len(errors) == 1, output
         assert "interrupted" in errors[0] and "rerun to resume" in errors[0], output
-        assert "Traceback" not in output and "ChildFailedError" not in output
         assert "`dvc checkout train` restores" in errors[0] and "models/model.pt" in errors[0]
     epoch = saved_epoch(work)
-    assert epoch >= 1
+    assert epoch > before, (signum.name, before, epoch)
+    return output, epoch
+
+
+def test_killing_dvc_repro_leaves_nothing_and_the_rerun_resumes(repo):
+    """SIGINT, SIGTERM and SIGKILL of `dvc repro`'s process group, one after another into later epochs:
+    each time nothing is left, and the next run resumes from the last complete epoch; the last one
+    ends with exactly the uninterrupted run's metrics and weights."""
+    work, nproc, (reference_metrics, reference_weights) = repo
+    epoch, outputs = 0, []
+    for signum in SIGNALS[nproc]:
+        output, saved = interrupt_once(work, nproc, signum)
+        expected = "no saved state, starting fresh" if epoch == 0 else f"resuming from the end of epoch {epoch}"
+        assert expected in output, (signum.name, output)   # after a completed run, -f starts over
+        epoch = saved
+        outputs.append(output)
+    assert epoch < RUN["train"]["epochs"], "every epoch ran before the last signal: the chain proves nothing"
 
     rerun = run(["dvc", "repro", "-f", "-s", "train"], work)          # after an interruption, -f resumes
     assert f"resuming from the end of epoch {epoch}" in rerun.stdout
@@ -105,7 +121,7 @@ def test_killing_dvc_repro_leaves_nothing_and_the_rerun_resumes(repo, signum):
     assert weights.keys() == reference_weights.keys()
     assert all(torch.equal(weights[name], reference_weights[name]) for name in weights)
     tsv = (work / "metrics/train/plots/metrics/test/accuracy.tsv").read_text().splitlines()
-    assert [line.split("\t")[0] for line in tsv[1:]] == ["1", "2", "3", "4"]
+    assert [int(line.split("\t")[0]) for line in tsv[1:]] == list(range(1, RUN["train"]["epochs"] + 1))   # none twice or missing
     assert not list((work / ".cache/train").glob("*.pt"))
 
 

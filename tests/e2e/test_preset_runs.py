@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from conftest import PRESET_A_MAX_LR, TINY_RUN, exp_rows, run
+from conftest import PRESET_B_MAX_LR, exp_rows, run
 from conftest import composed as compose
 from test_presets import SEEDS
 
@@ -16,11 +16,13 @@ from test_presets import SEEDS
 def test_presets_run_as_named_experiments_and_compare(preset_runs, tmp_path):
     """assignment7 ("a") and assignment10 ("b") as named experiments (conftest.preset_runs): each
     takes its preset's recipe; TINY_RUN (composed after it) keeps the run tiny; `-S` on the command
-    line wins over both."""
-    work, _ = preset_runs
+    line wins over both: A trains at its range test's suggestion, B at the number given."""
+    work, runs = preset_runs
     rows = exp_rows(json.loads(run(["dvc", "exp", "show", "--json"], work).stdout))
     assert {"a", "b"} <= set(rows)
-    for name, preset, max_lr in (("a", "assignment7", PRESET_A_MAX_LR), ("b", "assignment10", TINY_RUN["train"]["max_lr"])):
+    suggested = json.loads(runs["a"]["files"]["metrics/lr_find.json"])["max_lr"]
+    for name, preset, max_lr, trained in (("a", "assignment7", "find", suggested),
+                                          ("b", "assignment10", PRESET_B_MAX_LR, PRESET_B_MAX_LR)):
         params = rows[name]["params"]["params.yaml"]["data"]
         recipe = compose([f"preset={preset}"])
         for section in ("model", "augment", "optim", "report"):      # the preset's, untouched by TINY_RUN
@@ -28,7 +30,7 @@ def test_presets_run_as_named_experiments_and_compare(preset_runs, tmp_path):
         assert params["model"]["name"] == SEEDS[preset]["model"]
         assert (params["train"]["epochs"], params["train"]["max_lr"]) == (1, max_lr)
         assert 0.0 <= rows[name]["metrics"]["metrics/test.json"]["data"]["accuracy"] <= 1.0
-        assert rows[name]["metrics"]["metrics/training.json"]["data"]["max_lr"] == max_lr
+        assert rows[name]["metrics"]["metrics/training.json"]["data"]["max_lr"] == trained
 
     out = tmp_path / "exp_plots"
     run(["dvc", "plots", "diff", "a", "b", "-o", str(out)], work)

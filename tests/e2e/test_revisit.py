@@ -3,9 +3,9 @@ retrains only when training takes its suggestion.
 
 Run A, then B, then A again with `dvc exp run`: the third run runs no stage (every one is checked
 out of the run-cache, train included), gives A's metrics and model byte for byte, and takes a small
-fraction of the first run's wall time. Then, with `train.max_lr` a number and `lr_find.when: always`,
-changing `lr_find.num_iter` reruns the range test but not train; with `train.max_lr: find` the same
-change retrains.
+fraction of the first run's wall time. Then, with `train.max_lr` a number (B) and `lr_find.when:
+always`, changing `lr_find.num_iter` reruns the range test but not train; with `train.max_lr: find`
+(A) the same change retrains.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import json
 
 import pytest
 
-from conftest import PRESET_A, TINY_RUN, exp_rows, exp_run, ran_stages, run, snapshot
+from conftest import PRESET_A, PRESET_B, TINY_RUN, exp_rows, exp_run, ran_stages, run, snapshot
 
 pytestmark = pytest.mark.e2e
 
@@ -80,14 +80,12 @@ def test_plots_diff_shows_the_reports_figures_of_both_runs(preset_runs, tmp_path
 
 @pytest.fixture(scope="module")
 def range_test_changed(preset_runs):
-    """After A: a new range test with a numeric max LR, then `find` before and after the same change."""
+    """After A again: B's numeric max LR with a new range test, then A (`find`) with the same change."""
     work, _ = preset_runs
-    numeric = [*PRESET_A, "-S", f"lr_find.num_iter={OTHER_NUM_ITER}", "-S", "lr_find.when=always"]   # a real one
-    found = ["-S", "preset=assignment7", "-S", "train.max_lr=find"]
+    changed = ["-S", f"lr_find.num_iter={OTHER_NUM_ITER}"]
     runs = {}
-    for name, overrides in (("numeric-new-range-test", numeric),
-                            ("find", [*found, "-S", f"lr_find.num_iter={OTHER_NUM_ITER}"]),
-                            ("find-new-range-test", found)):
+    for name, overrides in (("numeric-new-range-test", [*PRESET_B, *changed, "-S", "lr_find.when=always"]),  # a real one
+                            ("find-new-range-test", [*PRESET_A, *changed])):
         output, seconds = exp_run(work, name, overrides)
         runs[name] = {"output": output, "seconds": seconds, "files": snapshot(work)}
     print("\n".join(f"dvc exp run {name}: {r['seconds']:.1f} s" for name, r in runs.items()))
@@ -95,23 +93,25 @@ def range_test_changed(preset_runs):
 
 
 def test_numeric_max_lr_is_not_retrained_by_a_new_range_test(preset_runs, range_test_changed):
+    """B's stages after the range test come back from the run-cache (the workspace held A): a new
+    range test is no input of training with a numeric max LR."""
     _, before = preset_runs
     after = range_test_changed["numeric-new-range-test"]
-    assert after["files"]["metrics/lr_find.json"] != before["a-again"]["files"]["metrics/lr_find.json"]
+    assert after["files"]["metrics/lr_find.json"] != before["b"]["files"]["metrics/lr_find.json"]
     assert {"lr_find", "max_lr"} <= ran_stages(after["output"])   # a new range test, resolved again
-    assert "train" not in ran_stages(after["output"]) and "train" in unchanged_stages(after["output"]), after["output"]
-    assert "evaluate" not in ran_stages(after["output"])
-    assert after["files"]["metrics/max_lr.json"] == before["a-again"]["files"]["metrics/max_lr.json"]
-    assert after["files"]["models/model.pt"] == before["a-again"]["files"]["models/model.pt"]
+    assert not {"train", "evaluate"} & ran_stages(after["output"]), after["output"]
+    assert "train" in cached_stages(after["output"]) | unchanged_stages(after["output"]), after["output"]
+    assert after["files"]["metrics/max_lr.json"] == before["b"]["files"]["metrics/max_lr.json"]
+    assert after["files"]["models/model.pt"] == before["b"]["files"]["models/model.pt"]
 
 
-def test_find_is_retrained_by_a_new_range_test(range_test_changed):
-    first, second = range_test_changed["find"], range_test_changed["find-new-range-test"]
+def test_find_is_retrained_by_a_new_range_test(preset_runs, range_test_changed):
+    _, before = preset_runs
+    first, second = before["a"], range_test_changed["find-new-range-test"]
     old = json.loads(first["files"]["metrics/lr_find.json"])
     new = json.loads(second["files"]["metrics/lr_find.json"])
     assert new["max_lr"] != old["max_lr"], "the two range tests suggested the same LR: the test proves nothing"
-    assert "lr_find" in ran_stages(second["output"])             # A ran none: its max_lr was a number
-    assert {"max_lr", "train"} <= ran_stages(second["output"]), second["output"]
+    assert {"lr_find", "max_lr", "train"} <= ran_stages(second["output"]), second["output"]
     for files, suggested in ((first["files"], old), (second["files"], new)):
         assert json.loads(files["metrics/training.json"])["max_lr"] == suggested["max_lr"]
         assert json.loads(files["metrics/max_lr.json"]) == {

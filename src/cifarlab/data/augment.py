@@ -8,20 +8,24 @@ with the dataset mean colour, which is zero after normalisation.
 
 from __future__ import annotations
 
-from typing import Optional
-
-import albumentations as A
-import cv2
+from typing import TYPE_CHECKING, Optional
 
 from cifarlab.config.params import IMAGE_SIDE, AugmentParams
 from cifarlab.data.storage import CIFAR_MEAN
+
+if TYPE_CHECKING:
+    import albumentations as A
 
 MEAN_UINT8 = tuple(round(m * 255) for m in CIFAR_MEAN)
 
 
 def build_train_transform(params: AugmentParams, seed: Optional[int] = None) -> A.Compose:
     """pad -> random 32x32 crop -> horizontal flip -> cutout, each skipped when its knob is 0
-    (`AugmentParams.steps` says the same in words)."""
+    (`AugmentParams.steps` says the same in words). Albumentations (and OpenCV) are imported here, by
+    the runs that augment per image: importing them costs each stage process about a second."""
+    import albumentations as A
+    import cv2
+
     steps: list[A.BasicTransform] = []
     if params.crops:
         border = cv2.BORDER_REFLECT_101 if params.pad_mode == "reflect" else cv2.BORDER_CONSTANT
