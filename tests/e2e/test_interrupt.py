@@ -105,13 +105,13 @@ def test_killing_dvc_repro_leaves_nothing_and_the_rerun_resumes(repo):
     each time nothing is left, and the next run resumes from the last complete epoch; the last one
     ends with exactly the uninterrupted run's metrics and weights."""
     work, nproc, (reference_metrics, reference_weights) = repo
-    epoch, outputs = 0, []
+    epoch = 0
     for signum in SIGNALS[nproc]:
         output, saved = interrupt_once(work, nproc, signum)
         expected = "no saved state, starting fresh" if epoch == 0 else f"resuming from the end of epoch {epoch}"
         assert expected in output, (signum.name, output)   # after a completed run, -f starts over
+        assert epoch or "resuming" not in output, output
         epoch = saved
-        outputs.append(output)
     assert epoch < RUN["train"]["epochs"], "every epoch ran before the last signal: the chain proves nothing"
 
     rerun = run(["dvc", "repro", "-f", "-s", "train"], work)          # after an interruption, -f resumes
