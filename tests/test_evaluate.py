@@ -184,8 +184,8 @@ def test_grad_cam_works_for_every_registered_model(name):
 
 
 def test_grad_cam_is_fp32_on_the_models_device_under_any_autocast():
-    """pytorch-grad-cam cannot take bf16 activations (numpy has no bfloat16): grad_cam switches autocast
-    off, so a caller inside bf16 autocast (as evaluate runs) gets the fp32 maps, on the model's device."""
+    """grad_cam switches autocast off, so a caller inside bf16 autocast (as evaluate runs) gets the fp32
+    maps, on the model's device."""
     torch.manual_seed(0)
     model = Classifier("a7_net").to(memory_format=torch.channels_last)
     images = np.random.default_rng(1).integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
@@ -197,6 +197,38 @@ def test_grad_cam_is_fp32_on_the_models_device_under_any_autocast():
         under_autocast = grad_cam(model, images, [1, 2])
     assert np.array_equal(plain, under_autocast)
     assert seen and set(seen) == {(torch.device("cpu"), torch.float32)}
+
+
+class _GapHead(nn.Module):
+    """A 1x1 conv (the Grad-CAM layer, full resolution), global average pooling and a linear head:
+    the gradient of logit c over channel k is W[c, k] / (32 * 32) at every pixel, so its Grad-CAM is
+    the positive part of sum_k W[c, k] * A_k, scaled to [0, 1], with nothing upsampled."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, kernel_size=1)
+        self.fc = nn.Linear(4, 10)
+
+    def cam_layer(self) -> nn.Module:
+        return self.conv
+
+    def forward(self, x):
+        return self.fc(self.conv(x / 255).mean(dim=(2, 3)))
+
+
+def test_grad_cam_is_the_gradient_weighted_activation_map():
+    torch.manual_seed(0)
+    model = _GapHead()
+    images = np.random.default_rng(2).integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
+    classes = [2, 7, 7]
+    heat = grad_cam(model, images, classes)
+    with torch.no_grad():
+        activations = model.conv(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)
+        expected = torch.einsum("nk,nkhw->nhw", model.fc.weight[classes], activations).relu()
+        low = expected.amin(dim=(1, 2), keepdim=True)
+        expected = (expected - low) / (expected - low).amax(dim=(1, 2), keepdim=True)
+    assert np.allclose(heat, expected.numpy(), atol=1e-5)
+    assert not np.allclose(heat[1], heat[2])                  # one map per image, not per class
 
 
 def test_declared_metrics_and_per_class_plot_repeat_the_full_record(tiny, plain):

@@ -211,7 +211,7 @@ def test_environment_and_wall_times_come_from_the_stages(tiny, report):
     assert ["throughput", f"{speed['images_per_second']:.1f} images/s"] in times
     assert ["whole stage", f"{record['seconds']['total']:.2f} s"] in times
     versions_table, = tables(section(report, "Appendix: library versions"))
-    assert {"torch", "grad-cam", "dvc"} <= set(table_dict(versions_table))
+    assert {"torch", "torchinfo", "dvc"} <= set(table_dict(versions_table))
     assert record["gradcam_layer"] in section(report, "Grad-CAM")
 
 

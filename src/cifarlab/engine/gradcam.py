@@ -1,13 +1,16 @@
-"""Grad-CAM heat maps (the `grad-cam` package) for test images, at the layer the model registry names.
+"""Grad-CAM heat maps (Selvaraju et al., 2017) for test images, at the layer the model registry names.
+
+Grad-CAM weights each channel of the layer's activations by the mean gradient of the class's logit
+over it, sums, keeps the positive part and upsamples to the image. That is a forward hook and one
+backward pass, written here in torch: the `grad-cam` package computes the same maps (to
+float32 rounding) but imports torchvision, scipy and torch's compiler stack, seconds
+of every evaluate stage before any work.
 
 The heat maps are computed on the device the model is on (the evaluate stage's: the training device),
 in fp32 whatever precision the measurement used: autocast is switched off here, and on CUDA TF32 too,
-so the maps are the fp32 ones whatever the device. Reduced precision cannot be used anyway:
-pytorch-grad-cam (1.5) turns the hooked activations and gradients into numpy arrays, and numpy has
-no bfloat16 (under bf16 autocast it raises TypeError: Got unsupported ScalarType BFloat16), while fp16
-would change the gradients Grad-CAM weights the activations with. A few 32x32 images cost little
-in fp32. Models take uint8-range images (normalisation is their first layer), so the images go in
-unnormalised.
+so the maps are the fp32 ones whatever the device (reduced precision would change the gradients
+Grad-CAM weights the activations with; a few 32x32 images cost little in fp32). Models take
+uint8-range images (normalisation is their first layer), so the images go in unnormalised.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cifarlab.engine.classifier import Classifier
@@ -60,17 +64,32 @@ def grad_cam(model: Classifier, images: np.ndarray, classes: Sequence[int]) -> n
     Returns float32 [N, 32, 32] heat maps, each scaled to [0, 1] (1 = the region that raised that
     class's logit most). `model` is not modified.
     """
-    from pytorch_grad_cam import GradCAM
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
-    if len(images) == 0:
-        return np.zeros((0,) + images.shape[1:3], dtype=np.float32)
     if len(images) != len(classes):
         raise ValueError(f"{len(images)} images but {len(classes)} target classes")
+    if len(images) == 0:
+        return np.zeros((0,) + images.shape[1:3], dtype=np.float32)
     net = cam_model(model)
     device = next(net.parameters()).device
-    batch = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()   # uint8 range, NCHW
-    targets = [ClassifierOutputTarget(int(c)) for c in classes]
-    with full_fp32(device), GradCAM(model=net, target_layers=[net.cam_layer()]) as cam:
-        heat = cam(input_tensor=batch.to(device), targets=targets)
-    return np.asarray(heat, dtype=np.float32)
+    batch = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().to(device)  # uint8 range
+    captured = []
+    hook = net.cam_layer().register_forward_hook(lambda module, args, output: captured.append(output))
+    try:
+        with full_fp32(device):
+            logits = net(batch)
+            activations = captured[-1]
+            chosen = logits.gather(1, torch.as_tensor(list(classes), device=device).long()[:, None]).sum()
+            gradients, = torch.autograd.grad(chosen, activations)
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        weights = gradients.mean(dim=(2, 3), keepdim=True)            # one weight per channel and image
+        cam = _unit_range((weights * activations).sum(dim=1, keepdim=True).relu())
+        cam = F.interpolate(cam, size=batch.shape[2:], mode="bilinear", align_corners=False)
+        return _unit_range(cam.relu())[:, 0].float().cpu().numpy()
+
+
+def _unit_range(maps: torch.Tensor) -> torch.Tensor:
+    """Each map ([N, 1, H, W]) shifted to start at 0 and scaled to end at 1 (an all-equal map stays 0)."""
+    low = maps.amin(dim=(2, 3), keepdim=True)
+    shifted = maps - low
+    return shifted / (shifted.amax(dim=(2, 3), keepdim=True) + 1e-7)

@@ -23,8 +23,7 @@ from cifarlab import paths, torchfile
 from cifarlab.config.params import FIND, AugmentParams, ReportParams
 from cifarlab.errors import CifarlabError
 
-LIBRARIES = ("torch", "torchvision", "numpy", "albumentations", "torch-lr-finder", "grad-cam", "torchinfo",
-             "matplotlib", "dvc", "dvclive")
+LIBRARIES = ("torch", "numpy", "albumentations", "torch-lr-finder", "torchinfo", "matplotlib", "dvc", "dvclive")
 
 # Figures copied as the train and evaluate stages drew them.
 COPIED_FIGURES = (paths.AUGMENT_PREVIEW, paths.CONFUSION_FIGURE, paths.PER_CLASS_FIGURE,
