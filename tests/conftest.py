@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import copy
 import functools
+import multiprocessing
 import os
 import pickle
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -18,6 +20,8 @@ from typing import Callable, TypeVar
 import pytest
 import yaml
 from filelock import FileLock
+
+import stage_fork
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -122,6 +126,67 @@ def run(cmd: list[str], cwd: Path, check: bool = True, timeout: float = 900) -> 
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
                              f"{result.stderr[-4000:]}")
+    return result
+
+
+class ScriptProcess:
+    """A stage script started by `start_script`: the part of subprocess.Popen the tests use (pid, poll,
+    wait, send_signal, communicate, returncode), with the output read once it has ended."""
+
+    def __init__(self, process: multiprocessing.process.BaseProcess, stdout: Path, stderr: Path, args: list[str]):
+        self._process, self._files, self.args = process, (stdout, stderr), args
+        self.pid = process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.exitcode
+
+    def poll(self) -> int | None:
+        return self._process.exitcode
+
+    def send_signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._process.join(timeout)
+        if self._process.exitcode is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self._process.exitcode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        self.wait(timeout)
+        out, err = (path.read_text(errors="replace") for path in self._files)
+        for path in self._files:
+            path.unlink(missing_ok=True)
+        return out, err
+
+
+def start_script(work: Path, script: str, *args: str) -> ScriptProcess:
+    """`python script args...` in `work` with `tool_env()`, started as `tests/stage_fork.py` says: forked
+    from a process that has imported torch and the stages' other libraries once."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(stage_fork.PRELOAD)
+    handle, stdout = tempfile.mkstemp(prefix="stdout-", suffix=".txt")
+    os.close(handle)
+    handle, stderr = tempfile.mkstemp(prefix="stderr-", suffix=".txt")
+    os.close(handle)
+    process = context.Process(target=stage_fork.child, args=(script, str(work), tool_env(), stdout, stderr, list(args)))
+    process.start()
+    return ScriptProcess(process, Path(stdout), Path(stderr), ["python", script, *args])
+
+
+def run_script(work: Path, script: str, *args: str, check: bool = True, timeout: float = 900
+               ) -> subprocess.CompletedProcess:
+    """`run(["python", script, *args], work, check)` for a stage script, forked (`start_script`)."""
+    process = start_script(work, script, *args)
+    try:
+        stdout, stderr = process.communicate(timeout)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGKILL)
+        raise
+    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    if check and result.returncode != 0:
+        raise AssertionError(f"python {script} failed ({result.returncode}):\n{stdout[-4000:]}\n{stderr[-4000:]}")
     return result
 
 

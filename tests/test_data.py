@@ -16,7 +16,7 @@ import pytest
 
 from cifarlab.data.sources import fetch, make_synthetic, read_cifar10_tarball
 from cifarlab.data.storage import CIFAR10_CLASSES, DataError, load_dataset, save_dataset
-from conftest import copy_stages, merge, run, tool_env, write_params
+from conftest import copy_stages, merge, run, run_script, tool_env, write_params
 
 
 def test_synthetic_is_deterministic_and_cifar_shaped():
@@ -251,7 +251,7 @@ def test_every_stage_validates_the_data(stage_dir, stage, case):
         from conftest import params_in
         write_params(stage_dir, merge(params_in(stage_dir), {"lr_find": {"when": "always"}}))
     _corrupt(stage_dir / "data", case)
-    result = run(["python", f"stages/{stage}.py"], stage_dir, check=False)
+    result = run_script(stage_dir, f"stages/{stage}.py", check=False)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]          # one line, no traceback
     assert result.stderr.startswith("error: data/") and "dvc checkout data" in result.stderr
@@ -326,7 +326,7 @@ def test_a_signal_during_download_leaves_no_partial_file(slow_server, tmp_path, 
 def test_unwritable_output_is_one_line(stage_dir, tiny_params):
     write_params(stage_dir, merge(tiny_params, {"model": {"name": "a7_net"}}))
     (stage_dir / "metrics").write_text("a file where the metrics directory should be")
-    result = run(["python", "stages/lr_find.py"], stage_dir, check=False)
+    result = run_script(stage_dir, "stages/lr_find.py", check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: cannot access metrics"), result.stderr[-2000:]
@@ -337,6 +337,6 @@ def test_read_only_metrics_is_one_line(stage_dir, tiny_params):
     (stage_dir / "metrics").mkdir()
     (stage_dir / "metrics").chmod(0o555)
     write_params(stage_dir, merge(tiny_params, {"model": {"name": "a7_net"}}))
-    result = run(["python", "stages/lr_find.py"], stage_dir, check=False)
+    result = run_script(stage_dir, "stages/lr_find.py", check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "error: cannot access metrics" in result.stderr and "Permission denied" in result.stderr

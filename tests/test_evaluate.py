@@ -19,7 +19,7 @@ from cifarlab.engine.gradcam import cam_layer_name, grad_cam
 from cifarlab.engine.metrics import HorizontalFlipTTA
 from cifarlab.models.names import model_names
 from cifarlab.models.registry import model_spec
-from conftest import TINY, TINY_RUN_EVALUATE, merge, run, write_params
+from conftest import TINY, TINY_RUN_EVALUATE, merge, run_script, write_params
 
 EVALUATE = TINY_RUN_EVALUATE   # gallery 6, Grad-CAM 4, TTA on: the shared tiny run's settings
 FIGURES = ("plots/confusion.png", "plots/per_class.png", "plots/misclassified.png", "plots/gradcam.png")
@@ -43,7 +43,7 @@ def plain(tiny, tmp_path_factory) -> Path:
     params = yaml.safe_load((tiny / "params.yaml").read_text())
     write_params(work, merge(params, {"evaluate": {"gallery_size": 0, "gradcam_size": 0, "tta_hflip": False,
                                                    "tta_translate": False}}))
-    run(["python", "stages/evaluate.py"], work)
+    run_script(work, "stages/evaluate.py")
     return work
 
 

@@ -26,7 +26,7 @@ from cifarlab.engine.classifier import Classifier
 from cifarlab.errors import CifarlabError, LAUNCHER_PARAMS_ENV, ParamsChanged, ParamsRead, run_stage
 from cifarlab.lifetime import LAUNCHER_PID_ENV
 from cifarlab.pipeline.report.summary import read_checkpoint
-from conftest import merge, params_in, run, tool_env, write_params
+from conftest import merge, params_in, run, run_script, tool_env, write_params
 
 EDITED = "params.yaml changed while train was running (train.epochs 3 -> 4): nothing was recorded; rerun"
 
@@ -333,7 +333,7 @@ def test_evaluate_and_report_on_a_damaged_model_are_one_line(tiny_run, tmp_path,
     work = tmp_path / "work"
     shutil.copytree(tiny_run, work)
     flip_bytes(work / paths.CHECKPOINT)
-    result = run(["python", f"stages/{stage}.py"], work, check=False)
+    result = run_script(work, f"stages/{stage}.py", check=False)
     assert result.returncode == 1
     line = one_error_line(result.stderr)
     assert line.startswith(f"checkpoint {paths.CHECKPOINT} is damaged: its content does not match the digest")

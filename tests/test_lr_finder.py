@@ -16,7 +16,7 @@ from cifarlab.engine.classifier import build_model
 from cifarlab.pipeline.lr_find import range_test, turned_up
 from cifarlab.engine.runtime import select_runtime
 from cifarlab.engine.schedule import build_optimizer
-from conftest import merge
+from conftest import merge, run_script
 
 
 def smoothed(raw: np.ndarray, smooth_f: float = 0.05) -> np.ndarray:
@@ -205,10 +205,10 @@ def test_a_numeric_max_lr_trains_nothing_imports_no_torch_and_writes_the_same_by
 
 
 def test_always_runs_the_range_test_and_suggests_below_the_loss_minimum(stage_dir, tiny_params):
-    from conftest import run, write_params
+    from conftest import write_params
 
     write_params(stage_dir, merge(tiny_params, {"lr_find": {"when": "always"}}))
-    run(["python", "stages/lr_find.py"], stage_dir)
+    run_script(stage_dir, "stages/lr_find.py")
     found = json.loads((stage_dir / "metrics/lr_find.json").read_text())
     assert found["ran"] is True and found["max_lr"] == found["suggestions"][found["rule"]]
     low, high = found["window"]

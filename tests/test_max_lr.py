@@ -9,7 +9,7 @@ import yaml
 
 from cifarlab import dvcfile
 
-from conftest import REPO, merge, run, write_params
+from conftest import REPO, merge, run_script, write_params
 
 STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 
@@ -73,7 +73,7 @@ def test_stage_writes_the_same_bytes_for_a_number_whatever_the_range_test_found(
         for suggestion in (1e-3, 4e-3):
             (work / "metrics/lr_find.json").write_text(json.dumps(
                 {"max_lr": suggestion, "rule": "min_div_10", "loss_minimum_lr": 10 * suggestion}))
-            result = run(["python", "stages/max_lr.py"], work)
+            result = run_script(work, "stages/max_lr.py")
             outputs[max_lr, suggestion] = (work / "metrics/max_lr.json").read_bytes()
         print(result.stdout)
     assert outputs[0.003, 1e-3] == outputs[0.003, 4e-3]

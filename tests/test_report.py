@@ -19,7 +19,7 @@ from cifarlab.config.params import AugmentParams, ReportParams
 from cifarlab.pipeline.report.sections import (SECTIONS, _anchor, augmentation, header, pct, result, run_table,
                                                training_curves)
 from cifarlab.pipeline.report.summary import COPIED_FIGURES, RunIdentity, RunSummary, run_identity
-from conftest import REPO, TINY, run
+from conftest import REPO, TINY, run, run_script
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +149,7 @@ def test_on_cifar10_the_target_is_judged(tiny, tmp_path):
     shutil.copytree(tiny, work)
     metrics = read_json(work, paths.EVAL_METRICS)
     (work / paths.EVAL_METRICS).write_text(json.dumps({**metrics, "data_source": "cifar10"}))
-    run(["python", "stages/report.py"], work)
+    run_script(work, "stages/report.py")
     result = table_dict(tables(section((work / "reports/report.md").read_text(), "Result"))[0])
     target = yaml.safe_load((work / "params.yaml").read_text())["report"]["target_accuracy"]
     met = metrics["accuracy"] >= target
@@ -229,7 +229,7 @@ def test_report_fails_in_one_line_when_an_output_is_missing(tiny, tmp_path):
     for output in ("data", "reports"):            # the stage outputs, not src/cifarlab/data
         shutil.rmtree(work / output)
     (work / paths.EVAL_RUN).unlink()
-    result = run(["python", "stages/report.py"], work, check=False)
+    result = run_script(work, "stages/report.py", check=False)
     assert result.returncode == 1
     assert result.stderr.strip().startswith("error:") and "evaluate_run.json" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

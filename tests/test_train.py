@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import math
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +14,8 @@ import yaml
 
 from cifarlab import dvcfile
 from cifarlab.engine.loops import DivergenceGuard, TrainingDiverged
-from conftest import composed_tiny, make_stage_dir, merge, params_in, run, tool_env, write_params
+from conftest import (ScriptProcess, composed_tiny, make_stage_dir, merge, params_in, run_script, start_script,
+                      write_params)
 
 # a7_net with dropout: small and fast, and its dropout draws from the global RNG, so an exact
 # resume must restore RNG state as well as weights.
@@ -31,7 +30,7 @@ LONG_RUN = 200
 def train_in(work: Path, override: dict | None = None, check: bool = True):
     if override:
         write_params(work, merge(json.loads(json.dumps(params_in(work))), override))
-    return run(["python", "stages/train.py"], work, check=check)
+    return run_script(work, "stages/train.py", check=check)
 
 
 def outputs(work: Path) -> tuple[dict, dict]:
@@ -45,7 +44,7 @@ def state_files(work: Path) -> list[Path]:
     return sorted((work / ".cache/train").glob("*.pt"))
 
 
-def wait_for_state(work: Path, process: subprocess.Popen, epoch: int = 1, timeout: float = 300) -> None:
+def wait_for_state(work: Path, process: ScriptProcess, epoch: int = 1, timeout: float = 300) -> None:
     """Until a state holding at least `epoch` complete epochs is saved; fails if the run ends first."""
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -147,8 +146,7 @@ def test_same_params_give_identical_metrics_and_weights(reference, tmp_path):
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(reference, tmp_path):
     done, reference_metrics, reference_weights = reference
     work = fresh_copy(done, tmp_path, "killed")
-    process = subprocess.Popen([sys.executable, "stages/train.py"], cwd=work, env=tool_env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = start_script(work, "stages/train.py")
     wait_for_state(work, process)
     time.sleep(0.3)                      # into epoch 2
     process.send_signal(signal.SIGKILL)
@@ -202,8 +200,7 @@ def test_unreadable_state_starts_fresh(stage_dir, monkeypatch):
 
 def test_ctrl_c_saves_the_last_complete_epoch(stage_dir):
     write_params(stage_dir, merge(params_in(stage_dir), merge(FAST, {"train": {"epochs": LONG_RUN}})))
-    process = subprocess.Popen([sys.executable, "stages/train.py"], cwd=stage_dir, env=tool_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = start_script(stage_dir, "stages/train.py")
     wait_for_state(stage_dir, process)
     time.sleep(0.3)
     process.send_signal(signal.SIGINT)
@@ -218,8 +215,7 @@ def test_ctrl_c_saves_the_last_complete_epoch(stage_dir):
 
 def test_sigterm_stops_like_ctrl_c(stage_dir):
     write_params(stage_dir, merge(params_in(stage_dir), merge(FAST, {"train": {"epochs": LONG_RUN}})))
-    process = subprocess.Popen([sys.executable, "stages/train.py"], cwd=stage_dir, env=tool_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = start_script(stage_dir, "stages/train.py")
     wait_for_state(stage_dir, process)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
