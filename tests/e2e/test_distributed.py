@@ -151,3 +151,27 @@ def test_a_failure_in_the_processes_is_printed_once(stage_dir):
     assert len(errors) == 1 and "training diverged" in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr
 
+
+
+def test_the_rendezvous_store_stays_up_while_its_handler_is_kept():
+    """The machine hosting the rendezvous store keeps it for the whole run (`launch` holds the handler
+    `_rendezvous` returns): another machine may still be reading the process group's address from
+    it after this one has read it. Dropped with the handler, the store would close under that reader
+    ("Failed to recv, got 0 bytes"), as it did under load with two machines on one host."""
+    import gc
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    from cifarlab.engine.distributed import _rendezvous
+
+    port = free_port()
+    node_rank, _, _, handler = _rendezvous(1, f"127.0.0.1:{port}")
+    assert node_rank == 0
+    reader = TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=5))
+    reader.set("probe", "1")
+    assert reader.get("probe") == b"1"
+    del handler
+    gc.collect()
+    with pytest.raises(Exception):            # no store left to connect to
+        TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=2)).get("probe")

@@ -80,9 +80,11 @@ def _address_towards(host: str) -> str:
         return socket.getfqdn()
 
 
-def _rendezvous(nnodes: int, endpoint: str) -> tuple[int, str, int]:
-    """(this machine's rank among `nnodes`, the process group's address and port) after torchrun's c10d
-    rendezvous at `endpoint`, the machine whose address it names hosting its store."""
+def _rendezvous(nnodes: int, endpoint: str) -> tuple[int, str, int, Any]:
+    """(this machine's rank among `nnodes`, the process group's address and port, the rendezvous
+    handler) after torchrun's c10d rendezvous at `endpoint`, the machine whose address it names
+    hosting its store. The caller keeps the handler for the run: the store lives as long as it, and
+    the other machines may still be reading from it when this one has read all it needs."""
     from torch.distributed.elastic.rendezvous import RendezvousParameters
     from torch.distributed.elastic.rendezvous import registry
     from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError, RendezvousTimeoutError
@@ -105,7 +107,7 @@ def _rendezvous(nnodes: int, endpoint: str) -> tuple[int, str, int]:
     if node_rank == 0:
         store.set(MASTER_KEY, f"{_address_towards(host)}:{free_port()}")
     address, _, port = store.get(MASTER_KEY).decode().rpartition(":")
-    return node_rank, address, int(port)
+    return node_rank, address, int(port), handler
 
 
 def launch(nproc: int, script: str, slot: Any = None, nnodes: int = 1,
@@ -119,7 +121,8 @@ def launch(nproc: int, script: str, slot: Any = None, nnodes: int = 1,
     (each saves nothing half-written and stops); a process that does not stop is killed. The
     processes die with the launcher, so killing it (even with SIGKILL) leaves none behind.
     """
-    node_rank, address, port = _rendezvous(nnodes, rdzv_endpoint) if nnodes > 1 else (0, "127.0.0.1", free_port())
+    node_rank, address, port, rendezvous = (_rendezvous(nnodes, rdzv_endpoint) if nnodes > 1
+                                            else (0, "127.0.0.1", free_port(), None))
     world = nproc * nnodes
     work = Path(tempfile.mkdtemp(prefix="cifarlab-ddp-"))
     env = dict(os.environ, MASTER_ADDR=address, MASTER_PORT=str(port), WORLD_SIZE=str(world),
@@ -198,6 +201,7 @@ def launch(nproc: int, script: str, slot: Any = None, nnodes: int = 1,
                 log.close()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        del rendezvous                          # the store (on its host) outlives every machine's reads
         for path in work.iterdir():
             path.unlink()
         work.rmdir()
