@@ -156,6 +156,11 @@ class TrainParams:
     drop_last: bool = key(boolean)
 
 
+# The test-time augmentations by their `evaluate.*` switch (also their key in the metrics files), with
+# the name the report gives them; engine.metrics.TTA_VARIANTS holds the modules that compute them.
+TTA_LABELS = {"tta_hflip": "horizontal-flip TTA", "tta_translate": "flip + translate TTA (6 views)"}
+
+
 @dataclass(frozen=True)
 class EvaluateParams:
     batch_size: int = key(positive_int)

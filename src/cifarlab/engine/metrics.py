@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from cifarlab.config.params import TTA_LABELS
+
 
 def confusion_matrix(target: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
     """[true, predicted] counts."""
@@ -39,7 +41,7 @@ class HorizontalFlipTTA(nn.Module):
     prediction.
     """
 
-    LABEL = "horizontal-flip TTA"
+    LABEL = TTA_LABELS["tta_hflip"]
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -57,7 +59,7 @@ class FlipTranslateTTA(nn.Module):
     airbench94's test-time augmentation (Jordan 2024, section 3.7). Returns log mean probabilities,
     like HorizontalFlipTTA."""
 
-    LABEL = "flip + translate TTA (6 views)"
+    LABEL = TTA_LABELS["tta_translate"]
     SHIFT = 1
 
     def __init__(self, model: nn.Module):
@@ -76,5 +78,5 @@ class FlipTranslateTTA(nn.Module):
         return torch.logsumexp(torch.stack(terms), dim=0)
 
 
-# Test-time augmentations by their `evaluate.*` switch, which is also their key in the metrics files.
+# The test-time augmentations by their `evaluate.*` switch (config.params.TTA_LABELS names them).
 TTA_VARIANTS = {"tta_hflip": HorizontalFlipTTA, "tta_translate": FlipTranslateTTA}

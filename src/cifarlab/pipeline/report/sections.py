@@ -20,8 +20,8 @@ import yaml
 
 from cifarlab import paths
 from cifarlab.atomic import save_figure
+from cifarlab.config.params import TTA_LABELS
 from cifarlab.data.storage import CIFAR10_TEST_SIZE, CIFAR10_TRAIN_SIZE
-from cifarlab.engine.metrics import TTA_VARIANTS
 from cifarlab.pipeline.plots import curves_figure, lr_find_figure, lr_find_not_run_figure, schedule_figure
 from cifarlab.pipeline.report.summary import RunSummary
 
@@ -176,9 +176,9 @@ def result(s: RunSummary, figures: Path) -> str:
     n, evaluation = s.test_images, s.evaluation
     rows = [["test accuracy", f"**{pct(s.accuracy)}** ({evaluation['correct']:,} / {n:,})"],
             ["test loss (mean cross-entropy)", f"{evaluation['loss']:.4f}"]]
-    tta = [name for name in TTA_VARIANTS if name in evaluation]
+    tta = [name for name in TTA_LABELS if name in evaluation]
     for name in tta:
-        figures_, label = evaluation[name], TTA_VARIANTS[name].LABEL
+        figures_, label = evaluation[name], TTA_LABELS[name]
         rows += [[f"test accuracy, {label}", f"{pct(figures_['accuracy'])} ({figures_['correct']:,} / {n:,})"],
                  [f"test loss, {label}", f"{figures_['loss']:.4f}"]]
     rows += [[f"target accuracy ({s.report.preset})", pct(s.report.target_accuracy)],
@@ -368,8 +368,8 @@ def environment(s: RunSummary, figures: Path) -> str:
         ["evaluate", "throughput", f"{record['images_per_second']:.1f} images/s" if "images_per_second" in record
          else "not recorded"],
     ]
-    time_rows += [["evaluate", f"test pass with {TTA_VARIANTS[name].LABEL}", _seconds(seconds[name])]
-                  for name in TTA_VARIANTS if name in seconds]
+    time_rows += [["evaluate", f"test pass with {TTA_LABELS[name]}", _seconds(seconds[name])]
+                  for name in TTA_LABELS if name in seconds]
     time_rows += [["evaluate", f"Grad-CAM ({record.get('gradcam_images', 0)} images x 2 classes)",
                    _seconds(seconds.get("gradcam"))],
                   ["evaluate", "whole stage", _seconds(seconds.get("total"))]]
