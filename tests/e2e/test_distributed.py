@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cifarlab.engine.distributed import free_port
-from conftest import merge, params_in, run, tool_env, write_params
+from conftest import merge, params_in, run, run_script, tool_env, write_params
 
 # BatchNorm statistics are per process on CPU (SyncBatchNorm needs CUDA), so a 2-process run
 # normalises each half-batch on its own: the weights drift slightly from the single-process run.
@@ -135,7 +135,7 @@ def test_batch_size_must_divide_among_processes(stage_dir, nproc):
     """The stage itself starts the processes (no torchrun): its one line is printed once, with no traceback."""
     write_params(stage_dir, merge(params_in(stage_dir), merge(RUN, {"train": {"batch_size": 64 + 1},
                                                                    "runtime": {"nproc": nproc}})))
-    result = run(["python", "stages/train.py"], stage_dir, check=False)
+    result = run_script(stage_dir, "stages/train.py", check=False)
     assert result.returncode == 1
     assert result.stderr.strip() == ("error: train.batch_size is 65; allowed: a multiple of the number of processes "
                                      f"(runtime.nproc = {nproc})")
@@ -145,7 +145,7 @@ def test_a_failure_in_the_processes_is_printed_once(stage_dir):
     """A failure every process of a 2-process run hits (here: the loss diverges) is one line, once."""
     write_params(stage_dir, merge(params_in(stage_dir), merge(RUN, {"train": {"max_lr": 1.0e4, "epochs": 1},
                                                                    "runtime": {"nproc": 2}})))
-    result = run(["python", "stages/train.py"], stage_dir, check=False)
+    result = run_script(stage_dir, "stages/train.py", check=False)
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "training diverged" in errors[0], result.stderr[-2000:]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, copy_code, merge, run, write_params
+from conftest import TINY, copy_code, merge, run_script, write_params
 from test_fast_preset import fast
 
 # The fast preset on the tiny set; its whitening bias stops training after epoch 2 of 3.
@@ -24,7 +24,7 @@ def fast_run(tmp_path_factory) -> Path:
     copy_code(work)
     write_params(work, merge(fast(), FAST_RUN))
     for stage in ("download", "lr_find", "train", "evaluate", "report"):   # a numeric max_lr: no max_lr stage needed
-        result = run(["python", f"stages/{stage}.py"], work)
+        result = run_script(work, f"stages/{stage}.py")
         if stage == "train":
             assert "augmentation on the device, whole batches (augment.path)" in result.stdout
             assert "whitening bias trained for 2 epochs (optim.whiten_bias_epochs)" in result.stdout
@@ -38,8 +38,8 @@ def test_two_process_ddp_runs_the_fast_preset_through_the_frozen_bias(tmp_path):
     copy_code(work)
     write_params(work, merge(fast(), merge(FAST_RUN, {"train": {"epochs": 2}, "optim": {"whiten_bias_epochs": 1},
                                                       "runtime": {"nproc": 2}})))
-    run(["python", "stages/download.py"], work)          # a numeric max_lr: train needs no range test
-    result = run(["python", "stages/train.py"], work)
+    run_script(work, "stages/download.py")          # a numeric max_lr: train needs no range test
+    result = run_script(work, "stages/train.py")
     assert "2 processes" in result.stdout and result.stdout.count("epoch   2") == 1
 
 
