@@ -22,8 +22,10 @@ from conftest import TINY_NET, TINY_RUN, exp_rows, make_repo, merge, run, tool_e
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slurm]
 
-# The tiny run without the mistakes gallery and its Grad-CAM, evaluate's slowest part: three of them run here.
+# The tiny run without the mistakes gallery and its Grad-CAM, evaluate's slowest part: one per seed runs here.
 NO_GALLERIES = {"evaluate": {"gallery_size": 0, "gradcam_size": 0}}
+# One array task per seed, one round of them on the test's 2-CPU node: compare gets a group of two.
+SEEDS = (1, 2)
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol")
 
 SLURM_CONF = """\
@@ -59,20 +61,31 @@ PartitionName=debug Nodes=node1 Default=YES MaxTime=INFINITE State=UP
 
 
 
-def stop_pid_file(path: Path) -> None:
-    """End the daemon whose pid the file holds (one this fixture started), waiting a few seconds for it."""
-    try:
-        pid = int(path.read_text().split()[0])
-        os.kill(pid, signal.SIGTERM)
-    except (OSError, ValueError, IndexError):
-        return
-    for _ in range(50):
+def stop_daemons(pid_files: list[Path]) -> None:
+    """End the daemons whose pids the files hold (those this fixture started): SIGTERM to each, a few
+    seconds for them all to exit, then SIGKILL for any left."""
+    pids = []
+    for path in pid_files:
         try:
-            os.kill(pid, 0)
-        except OSError:
-            return
+            pid = int(path.read_text().split()[0])
+            os.kill(pid, signal.SIGTERM)
+            pids.append(pid)
+        except (OSError, ValueError, IndexError):
+            pass
+    deadline = time.monotonic() + 5
+    while pids and time.monotonic() < deadline:
+        pids = [pid for pid in pids if _alive(pid)]
         time.sleep(0.1)
-    os.kill(pid, signal.SIGKILL)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
 
 
 def daemon_logs(root: Path) -> str:
@@ -117,8 +130,7 @@ def slurm(tmp_path_factory):
         yield env
     finally:
         subprocess.run(["scancel", "--user=root", "--partition=debug"], env=env, capture_output=True)
-        for pid_file in reversed(started):
-            stop_pid_file(pid_file)
+        stop_daemons(started)
 
 
 def sweep(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
@@ -135,7 +147,7 @@ def test_a_sweep_runs_as_array_jobs_and_dvc_exp_pull_brings_every_experiment_bac
     run(["git", "push", "-q", "origin", "HEAD:main"], work)
 
     started = time.perf_counter()
-    submitted = sweep(["submit", "seeds", "-S", "train.seed=range(1,4)", "--gres", "none", "--cpus-per-task", "1",
+    submitted = sweep(["submit", "seeds", "-S", f"train.seed=range({SEEDS[0]},{SEEDS[-1] + 1})", "--gres", "none", "--cpus-per-task", "1",
                        "--time", "10:00"], work, slurm)
     assert submitted.returncode == 0, submitted.stderr
     collected = sweep(["collect", "seeds", "--poll", "1", "--timeout", "600"], work, slurm)
@@ -147,20 +159,20 @@ def test_a_sweep_runs_as_array_jobs_and_dvc_exp_pull_brings_every_experiment_bac
     assert collected.returncode == 0, collected.stdout + collected.stderr + "".join(
         f"\n--- {log.name}\n{log.read_text()[-3000:]}" for log in sorted(logs.glob("*.log")))
 
-    names = [f"seeds-{i}" for i in (1, 2, 3)]
+    names = [f"seeds-{i}" for i in SEEDS]
     status = collected.stdout.splitlines()
     for i, name in enumerate(names):
         row = next(line for line in status if line.startswith(name + " "))
-        assert f"train.seed={i + 1}" in row and "COMPLETED" in row and " yes " in row, row
+        assert f"train.seed={SEEDS[i]}" in row and "COMPLETED" in row and " yes " in row, row
         assert f"pushed: {name} is on the git remote" in row
         assert "Pushed experiment" in (logs / f"{i}.log").read_text()
-    assert f"pulled 3 of 3 experiments: {' '.join(names)}" in collected.stdout
-    compared = next(line for line in status if all(name in line for name in names))   # compare: one group, n = 3
-    assert " 3 " in compared, compared
+    assert f"pulled {len(SEEDS)} of {len(SEEDS)} experiments: {' '.join(names)}" in collected.stdout
+    compared = next(line for line in status if all(name in line for name in names))   # compare: one group of them
+    assert f" {len(SEEDS)} " in compared, compared
 
     rows = exp_rows(json.loads(run(["dvc", "exp", "show", "--json"], work).stdout))
     for i, name in enumerate(names):
-        assert rows[name]["params"]["params.yaml"]["data"]["train"]["seed"] == i + 1
+        assert rows[name]["params"]["params.yaml"]["data"]["train"]["seed"] == SEEDS[i]
         assert 0.0 <= rows[name]["metrics"]["metrics/test.json"]["data"]["accuracy"] <= 1.0
     assert any((tmp_path / "storage" / "runs").rglob("*")), "the run-cache is not on the DVC remote"
     run(["dvc", "exp", "apply", "seeds-2"], work)      # the pulled DVC cache holds each experiment's outputs
