@@ -85,7 +85,7 @@ def grad_cam(model: Classifier, images: np.ndarray, classes: Sequence[int]) -> n
         weights = gradients.mean(dim=(2, 3), keepdim=True)            # one weight per channel and image
         cam = _unit_range((weights * activations).sum(dim=1, keepdim=True).relu())
         cam = F.interpolate(cam, size=batch.shape[2:], mode="bilinear", align_corners=False)
-        return _unit_range(cam.relu())[:, 0].float().cpu().numpy()
+        return _unit_range(cam)[:, 0].float().cpu().numpy()        # bilinear: still >= 0, rescaled to end at 1
 
 
 def _unit_range(maps: torch.Tensor) -> torch.Tensor:
