@@ -22,6 +22,7 @@ import yaml
 from filelock import FileLock
 
 import stage_fork
+import stage_server
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,12 +114,48 @@ def tiny_params() -> dict:
 
 
 def tool_env() -> dict:
-    """Environment in which `python` and `dvc` are this interpreter's, with no network use by DVC."""
+    """Environment in which `python` and `dvc` are this interpreter's, with no network use by DVC.
+    Unless the test module is marked `real_stage_processes`, the stages DVC starts run forked from
+    this worker's stage server (tests/stage_server.py)."""
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env["DVC_NO_ANALYTICS"] = "1"
     env["PYTHONUNBUFFERED"] = "1"
+    if _forked_stages["on"]:
+        client, address = _stage_server()
+        env["PATH"] = client + os.pathsep + env["PATH"]
+        env[stage_server.SOCKET_ENV] = address
     return env
+
+
+_forked_stages = {"on": True}
+
+
+@functools.lru_cache(maxsize=None)
+def _stage_server() -> tuple[str, str]:
+    """This process's stage server, started on first use: (the client's folder, the socket). It ends
+    when this process does (it watches its parent)."""
+    folder = tempfile.mkdtemp(prefix="stage-server-")
+    address = os.path.join(folder, "socket")
+    server = subprocess.Popen([sys.executable, str(Path(stage_server.__file__)), address], start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not os.path.exists(address):
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the stage server did not start (exit {server.poll()})")
+        time.sleep(0.05)
+    _servers.append(server)
+    return stage_server.write_client(os.path.join(folder, "bin")), address
+
+
+_servers: list[subprocess.Popen] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stage_processes(request):
+    """Stages as real subprocesses of DVC in modules marked `real_stage_processes`, forked elsewhere."""
+    _forked_stages["on"] = request.node.get_closest_marker("real_stage_processes") is None
+    yield
+    _forked_stages["on"] = True
 
 
 def run(cmd: list[str], cwd: Path, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:

@@ -27,13 +27,19 @@ PRELOAD = ["torch", "torch._dynamo", "torch.optim", "numpy", "matplotlib.pyplot"
 
 def child(script: str, cwd: str, env: dict, stdout: str, stderr: str, args: list) -> None:
     """Run `script` (relative to `cwd`) as `python script *args` would, its output into two files."""
-    os.chdir(cwd)
-    os.environ.clear()
-    os.environ.update(env)
     for fd, path in ((1, stdout), (2, stderr)):
         target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(target, fd)
         os.close(target)
+    run_as_script(script, cwd, env, args)
+
+
+def run_as_script(script: str, cwd: str, env: dict, args: list) -> None:
+    """In a forked child whose descriptors 1 and 2 are set: run `script` as `python script *args`
+    would in `cwd` with `env` (tests/stage_server.py's children do this too)."""
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
     # Unbuffered, as PYTHONUNBUFFERED makes a subprocess: a SIGKILL loses no line already printed.
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True)
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True)

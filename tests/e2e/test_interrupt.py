@@ -22,7 +22,7 @@ import yaml
 
 from conftest import TINY, make_repo, merge, run, tool_env, wait_until_none_left, write_params
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.real_stage_processes]   # signals process groups, reads /proc
 
 # Five epochs of four batches: room for three interruptions, each 0.3 s into the epoch after a saved
 # one, and an epoch to spare before the last run finishes; short enough that the trainings stay cheap.

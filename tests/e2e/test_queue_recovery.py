@@ -22,7 +22,7 @@ import pytest
 
 from conftest import TINY_RUN, make_repo, processes_in, queue_tasks, run, tool_env, wait_until_none_left
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.real_stage_processes]   # signals process groups, reads /proc
 
 # Each changes a key only train reads (train.max_lr would rerun lr_find as well), so a queued run is
 # train, evaluate and report.

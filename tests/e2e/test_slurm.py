@@ -20,7 +20,7 @@ from cifarlab.engine.distributed import free_port
 
 from conftest import TINY_NET, TINY_RUN, exp_rows, make_repo, merge, run, tool_env
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slurm]
+pytestmark = [pytest.mark.e2e, pytest.mark.slurm, pytest.mark.real_stage_processes]   # jobs run on slurmd
 
 # The tiny run without the mistakes gallery and its Grad-CAM, evaluate's slowest part: one per seed runs here.
 NO_GALLERIES = {"evaluate": {"gallery_size": 0, "gradcam_size": 0}}
