@@ -5,6 +5,7 @@ Each file in bench/results/ is what one benchmark run wrote with `--json`:
     python bench/throughput.py --json bench/results/<date>-<machine>.json
     python bench/quick_budget.py --json bench/results/<date>-<machine>-quick.json
     python bench/queue_slots.py --json bench/results/<date>-<machine>-queue.json
+    python bench/full_run.py --json bench/results/<date>-<machine>-run-<preset>.json   # after a full run
     python bench/results.py            # rewrite bench/RESULTS.md from every file there
     python bench/results.py --check    # exit 1 if bench/RESULTS.md is stale (the tests run this)
 
@@ -24,6 +25,7 @@ if sys.path[:1] != [str(BENCH.parent / "src")]:
     sys.path.insert(0, str(BENCH.parent / "src"))   # this checkout's library
 
 from cifarlab.atomic import sync_generated  # noqa: E402  (after the path above)
+from cifarlab.config.params import TTA_LABELS  # noqa: E402
 
 RESULTS_DIR = BENCH / "results"
 PAGE = BENCH / "RESULTS.md"
@@ -94,6 +96,16 @@ def queue_slots_rows(results: dict[str, dict]) -> list[list[str]]:
     return rows
 
 
+def full_run_rows(results: dict[str, dict]) -> list[list[str]]:
+    rows = []
+    for name, r in results.items():
+        tta = ", ".join(f"{TTA_LABELS.get(key, key)} {100 * value:.2f}" for key, value in r["tta"].items()) or "-"
+        rows.append([f"[{name}](results/{name}.json)", r.get("date", "?"), _machine(r), str(r.get("threads", "?")),
+                     f"`{r['preset']}`", str(r["seed"]), str(r["epochs"]), f"{100 * r['accuracy']:.2f}", tta,
+                     f"{r['train_seconds']:.0f}", f"{r['images_per_second']:.0f}", f"`{r.get('commit') or '?'}`"])
+    return rows
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) if rows else "(no results yet)"
@@ -101,14 +113,15 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def load(results_dir: Path = RESULTS_DIR) -> dict[str, dict[str, dict]]:
     """bench name -> {result file stem -> its JSON}, in file-name order (dates first sort by time)."""
-    grouped: dict[str, dict[str, dict]] = {"throughput": {}, "quick_budget": {}, "queue_slots": {}}
+    grouped: dict[str, dict[str, dict]] = {"throughput": {}, "quick_budget": {}, "queue_slots": {},
+                                         "full_run": {}}
     for path in sorted(results_dir.glob("*.json")):
         try:
             result = json.loads(path.read_text())
             grouped[result["bench"]][path.stem] = result
         except (ValueError, KeyError, TypeError) as err:
             raise SystemExit(f"{path}: not a result of bench/throughput.py or bench/quick_budget.py or "
-                             f"bench/queue_slots.py (--json), which record `bench`: {err}") from None
+                             f"bench/queue_slots.py or bench/full_run.py (--json), which record `bench`: {err}") from None
     return grouped
 
 
@@ -135,6 +148,12 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
         "and `-j 2`, each mode in a fresh scratch copy, and the share of the machine each train stage took.",
         _table(["result", "date", "machine", "experiments", "jobs", "wall s", "load avg", "train stages' shares",
                 "speed-up"], queue_slots_rows(grouped["queue_slots"])),
+        "## Full runs (`bench/full_run.py`)",
+        "Test accuracy (%) of a preset's whole run on real images, from its evaluate stage, plain and with each "
+        "test-time augmentation, and the train stage's seconds (the sum of its epochs); the README's preset "
+        "table shows the mean per preset.",
+        _table(["result", "date", "machine", "threads", "preset", "seed", "epochs", "accuracy", "TTA", "train s",
+                "images/s", "commit"], full_run_rows(grouped["full_run"])),
     ]) + "\n"
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
+
+import pytest
 
 from conftest import REPO, run
 
@@ -56,3 +59,63 @@ def test_quick_budget_results_render_one_row_per_preset(tmp_path):
         assert "b.json: not a result of bench/throughput.py or bench/quick_budget.py" in str(err)
     else:
         raise AssertionError("a file that is no result was accepted")
+
+
+def _full_run_workspace(tmp_path, preset: str, **changes) -> Path:
+    """A workspace as `dvc exp run -S preset=<preset>` on real images leaves it: the composed params
+    (with `changes`, section -> {key: value}) and the three metrics files bench/full_run.py reads."""
+    import yaml
+
+    from conftest import composed, merge, write_params
+
+    params = merge(composed([f"preset={preset}"]), {"data": {"source": "cifar10"}, **changes})
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    write_params(tmp_path, params)
+    epochs = params["train"]["epochs"]
+    (tmp_path / "metrics").mkdir()
+    for name, value in {"test.json": {"accuracy": 0.9012, "loss": 0.3, "tta_translate": {"accuracy": 0.9105, "loss": 0.29}},
+                        "training.json": {"max_lr": 0.24, "epochs": epochs, "images_per_second": 400.0},
+                        "train_speed.json": {"epoch_seconds": [100.0] * epochs, "images_per_second": 400.0,
+                                             "device": "cpu", "threads": 2}}.items():
+        (tmp_path / "metrics" / name).write_text(json.dumps(value))
+    assert yaml.safe_load((tmp_path / "params.yaml").read_text())["report"]["preset"] == preset
+    return tmp_path
+
+
+def test_a_full_run_is_recorded_and_shows_in_the_preset_table_and_results_page(tmp_path):
+    sys.path.insert(0, str(REPO / "bench"))
+    import full_run
+    import results as bench_results
+
+    from cifarlab.config import preset_table
+
+    results = tmp_path / "results"
+    results.mkdir()
+    for seed, accuracy in ((1, 0.9012), (2, 0.8990)):
+        work = _full_run_workspace(tmp_path / f"w{seed}", "fast_muon", train={"seed": seed})
+        test = json.loads((work / "metrics/test.json").read_text()) | {"accuracy": accuracy}
+        (work / "metrics/test.json").write_text(json.dumps(test))
+        assert full_run.main(["--workspace", str(work), "--json", str(results / f"run-{seed}.json")]) == 0
+    recorded = json.loads((results / "run-1.json").read_text())
+    assert recorded["preset"] == "fast_muon" and recorded["seed"] == 1 and recorded["train_seconds"] == 800.0
+    rows = {line.split(" | ")[0]: line for line in preset_table.table(REPO / "conf", results).splitlines()}
+    assert rows["| `fast_muon`"].endswith("| [90.01%, flip + translate TTA (6 views) 91.05%](bench/RESULTS.md#full-runs)"
+                                          " (2 runs, 8 epochs, real images) |")
+    assert rows["| `assignment7`"].endswith("| none yet |")
+    page = bench_results.render(results)
+    assert "| `fast_muon` | 2 | 8 | 89.90 | flip + translate TTA (6 views) 91.05 | 800 | 400 |" in page
+
+
+def test_a_run_that_is_not_the_presets_full_run_is_refused_in_one_line(tmp_path):
+    sys.path.insert(0, str(REPO / "bench"))
+    import full_run
+
+    cases = {"synthetic": ({"data": {"source": "synthetic"}}, "data.source is `synthetic`"),
+             "epochs": ({"train": {"epochs": 1}}, "differs from preset `fast_muon` in train.epochs 1 (preset 8)"),
+             "quick": ({"budget": {"name": "quick"}}, "budget is `quick`")}
+    for name, (changes, message) in cases.items():
+        work = _full_run_workspace(tmp_path / name, "fast_muon", **changes)
+        with pytest.raises(SystemExit) as stop:
+            full_run.main(["--workspace", str(work), "--json", str(tmp_path / f"{name}.json")])
+        assert str(stop.value).startswith("error: ") and message in str(stop.value), name
+        assert not (tmp_path / f"{name}.json").exists()
