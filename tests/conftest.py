@@ -3,6 +3,7 @@ tiny synthetic settings, a runner for stage scripts, and temporary git + DVC cop
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import multiprocessing
@@ -148,6 +149,17 @@ def _stage_server() -> tuple[str, str]:
 
 
 _servers: list[subprocess.Popen] = []
+
+
+@contextlib.contextmanager
+def forked_stages():
+    """Within it, DVC's stages run forked from the stage server even in a `real_stage_processes`
+    module (for a run that is only a reference, never signalled)."""
+    before, _forked_stages["on"] = _forked_stages["on"], True
+    try:
+        yield
+    finally:
+        _forked_stages["on"] = before
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -91,7 +91,7 @@ def test_two_process_ddp_matches_single_process(stage_dir, tmp_path):
     shutil.copytree(stage_dir, machines)
     write_params(ddp, merge(params_in(ddp), {"runtime": {"nproc": 2}}))
 
-    run(["torchrun", "--standalone", "--nproc_per_node=1", "stages/train.py"], stage_dir)
+    run_script(stage_dir, "stages/train.py")                          # the single-process reference
     result = run(["torchrun", "--standalone", "--nproc_per_node=2", "stages/train.py"], ddp)
     assert "2 processes" in result.stdout
     assert result.stdout.count("epoch   2") == 1              # rank 0 alone logs

@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import TINY, make_repo, merge, run, tool_env, wait_until_none_left, write_params
+from conftest import TINY, forked_stages, make_repo, merge, run, tool_env, wait_until_none_left, write_params
 
 pytestmark = [pytest.mark.e2e, pytest.mark.real_stage_processes]   # signals process groups, reads /proc
 
@@ -56,7 +56,8 @@ def saved_epoch(repo: Path) -> int:
 def repo(request, tmp_path_factory):
     """A committed tiny pipeline run once, uninterrupted: (repo, its final metrics and weights)."""
     work = make_repo(tmp_path_factory.mktemp(f"kill{request.param}"), merge(RUN, {"runtime": {"nproc": request.param}}))
-    first = run(["dvc", "repro", "train"], work)
+    with forked_stages():                                            # a reference, never signalled
+        first = run(["dvc", "repro", "train"], work)
     assert "no saved state, starting fresh" in first.stdout
     assert not list((work / ".cache/train").glob("*.pt"))          # a completed run leaves no state
     run(["git", "add", "-A"], work)
