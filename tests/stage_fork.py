@@ -22,7 +22,7 @@ import sys
 
 # What every stage process imports before any work (the rest is small or imported fresh).
 PRELOAD = ["torch", "torch._dynamo", "torch.optim", "numpy", "matplotlib.pyplot", "albumentations", "dvclive",
-           "tqdm", "yaml", "ruamel.yaml", "torchinfo", "torch_lr_finder", "filelock"]
+           "tqdm", "yaml", "ruamel.yaml", "torchinfo", "torch_lr_finder", "filelock", "dvc.repo"]
 
 
 def child(script: str, cwd: str, env: dict, stdout: str, stderr: str, args: list) -> None:

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run
+from conftest import REPO, run, run_script
 
 
 def test_bench_reports_both_augmentation_paths(tmp_path):
     out = tmp_path / "bench.json"
-    run([sys.executable, "bench/throughput.py", "--batches", "1", "--warmup", "1", "--batch-size", "32",
-         "--eval-images", "32", "--skip-reference", "--both-augment-paths", "--json", str(out)], REPO, timeout=600)
+    run_script(REPO, "bench/throughput.py", "--batches", "1", "--warmup", "1", "--batch-size", "32",
+               "--eval-images", "32", "--skip-reference", "--both-augment-paths", "--json", str(out), timeout=600)
     result = json.loads(out.read_text())
     for key in ("loader_per_image_images_per_s", "loader_batch_images_per_s", "pipeline_train_images_per_s",
                 "other_augment_path_train_images_per_s", "eval_images_per_s"):
