@@ -3,6 +3,7 @@ tiny synthetic settings, a runner for stage scripts, and temporary git + DVC cop
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import functools
@@ -145,6 +146,9 @@ def _stage_server() -> tuple[str, str]:
             raise RuntimeError(f"the stage server did not start (exit {server.poll()})")
         time.sleep(0.05)
     _servers.append(server)
+    atexit.register(shutil.rmtree, folder, True)       # registered first, so it runs after the server is gone
+    atexit.register(server.wait, 10)
+    atexit.register(server.terminate)
     return stage_server.write_client(os.path.join(folder, "bin")), address
 
 
