@@ -24,7 +24,8 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH), str(BENCH.parent / "src")]     # bench/ and this checkout's library
 
-from machine import describe_cpu  # noqa: E402  (bench/ on the path above)
+from cifarlab.atomic import write_json  # noqa: E402  (after the paths above)
+from machine import describe_cpu  # noqa: E402
 
 BENCH_NAME = "full_run"
 
@@ -95,9 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, required=True, help="the result file to write (bench/results/...)")
     args = parser.parse_args(argv)
     result = record(args.workspace)
-    partial = args.json.with_suffix(".json.partial")
-    partial.write_text(json.dumps(result, indent=2) + "\n")
-    partial.replace(args.json)
+    write_json(args.json, result)
     print(f"{args.json}: {result['preset']} seed {result['seed']}, {result['accuracy']:.2%}")
     return 0
 
