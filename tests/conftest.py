@@ -145,14 +145,10 @@ def _stage_server() -> tuple[str, str]:
         if server.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"the stage server did not start (exit {server.poll()})")
         time.sleep(0.05)
-    _servers.append(server)
     atexit.register(shutil.rmtree, folder, True)       # registered first, so it runs after the server is gone
     atexit.register(server.wait, 10)
     atexit.register(server.terminate)
     return stage_server.write_client(os.path.join(folder, "bin")), address
-
-
-_servers: list[subprocess.Popen] = []
 
 
 @contextlib.contextmanager
